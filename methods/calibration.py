@@ -1,0 +1,140 @@
+"""Layer-by-layer calibration: the one engine every calibrated method runs on.
+
+The model is never run whole. The calibration tokens go through the embedding once; a hook on the
+first decoder layer records the hidden states *and every positional and keyword argument* the model
+passes to that layer (attention mask, position ids, rotary embeddings, cache position, ... — whatever
+this transformers version computes), then stops the forward. From there each decoder layer in turn
+is moved to the compute device, fed the recorded inputs one sample at a time with the recorded
+arguments, handed to the method (which hooks, scores and prunes it), run again to produce the next
+layer's inputs, and moved back. Replaying the recorded arguments instead of rebuilding them is what
+keeps the engine working from transformers 4.43 to 5.x and for grouped-query attention; moving one
+layer at a time is what lets a model larger than the GPU be pruned.
+
+All samples share one set of arguments, as in the originals: they have equal length and no padding,
+so masks, positions and rotary tables are the same for every sample.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from methods.anatomy import decoder_layers, linear_layers
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward once layer 0's inputs are known."""
+
+
+class LayerInputs:
+    """Hidden states entering the current decoder layer, one row per calibration sample."""
+
+    def __init__(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+        self.hidden = hidden          # [nsamples, seqlen, hidden_size], model dtype, compute device
+        self.args = args              # positional arguments after hidden_states (usually none)
+        self.kwargs = kwargs          # keyword arguments the model passed to its decoder layers
+
+    def run(self, layer: nn.Module, *, store: bool) -> None:
+        """Feed every sample through `layer` (batch size 1, as the originals do).
+
+        With store=True the outputs replace the inputs, so the next call sees the next layer's inputs.
+        """
+        for index in range(self.hidden.shape[0]):
+            out = layer(self.hidden[index:index + 1], *self.args, **self.kwargs)
+            # transformers < 4.48 returns a tuple, newer versions the tensor itself.
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if store:
+                self.hidden[index] = out.reshape(self.hidden.shape[1:])
+
+
+def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, device: torch.device) -> LayerInputs:
+    """Run `calib` [nsamples, seqlen] up to the first decoder layer and record what it receives."""
+    layers = decoder_layers(model)
+    base = model.model
+    # Everything of the base model that is not a decoder layer (embedding, rotary table, final norm)
+    # is small; it visits the compute device for the capture.
+    roots = [m for name, m in base.named_children() if m is not layers]
+    homes = [_device_of(m) for m in roots]
+    for module in roots:
+        module.to(device)
+    dtype = next(model.parameters()).dtype
+    hidden: Optional[torch.Tensor] = None
+    recorded: Dict[str, Any] = {}
+
+    def hook(_module, args, kwargs):
+        hidden_states = args[0] if args else kwargs.pop("hidden_states")
+        hidden[sample_index] = hidden_states[0].to(hidden.dtype)
+        if not recorded:
+            recorded["args"] = tuple(args[1:])
+            recorded["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        hidden = torch.zeros((calib.shape[0], calib.shape[1], model.config.hidden_size),
+                             dtype=dtype, device=device)
+        for sample_index in range(calib.shape[0]):
+            with contextlib.suppress(_Captured), torch.no_grad():
+                model(calib[sample_index:sample_index + 1].to(device), use_cache=False)
+    finally:
+        handle.remove()
+        model.config.use_cache = use_cache
+        for module, home in zip(roots, homes):
+            module.to(home)
+    kwargs = recorded["kwargs"]
+    kwargs["use_cache"] = False
+    for key in ("past_key_value", "past_key_values", "cache"):
+        if key in kwargs:
+            kwargs[key] = None
+    return LayerInputs(hidden, recorded["args"], kwargs)
+
+
+LayerHandler = Callable[[int, nn.Module, LayerInputs], None]
+
+
+def sequential_layers(model: nn.Module, calib: torch.Tensor, device: torch.device,
+                      handle_layer: LayerHandler) -> None:
+    """Process decoder layers in order, each seeing inputs produced by the already-processed layers.
+
+    `handle_layer(index, layer, inputs)` runs with the layer on `device`; it may call
+    `inputs.run(layer, store=False)` under its own hooks to gather statistics from the still-dense
+    layer, then prune. Afterwards the engine runs the (pruned) layer to make the next inputs.
+    """
+    with torch.no_grad():
+        inputs = capture_layer_inputs(model, calib, device)
+    for index, layer in enumerate(decoder_layers(model)):
+        home = _device_of(layer)
+        layer.to(device)
+        handle_layer(index, layer, inputs)
+        with torch.no_grad():
+            inputs.run(layer, store=True)
+        layer.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def input_hooks(layer: nn.Module, collect: Dict[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+    """While active, call collect[name](input) with the input of each named Linear of `layer`."""
+    modules = linear_layers(layer)
+    handles = []
+    for name, fn in collect.items():
+        handles.append(modules[name].register_forward_hook(
+            lambda _m, inp, _out, fn=fn: fn(inp[0].detach())))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")

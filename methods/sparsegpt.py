@@ -1,0 +1,56 @@
+"""SparseGPT (Frantar & Alistarh 2023, arXiv:2301.00774) as run inside the Wanda repository.
+
+Per Linear: Hessian of the layer inputs from the still-dense decoder layer, then mask selection and
+OBS weight reconstruction (`methods.sparsity.sparsegpt_prune`); sequential across decoder layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods.anatomy import linear_layers, prunable_linears
+from methods.calibration import LayerInputs, input_hooks, sequential_layers
+from methods.errors import UsageError
+from methods.sparsity import Hessian, SparseOptions, sparsegpt_prune
+
+
+@dataclass(frozen=True)
+class Options(SparseOptions):
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def pattern(self):
+        pattern = super().pattern()
+        if self.blocksize <= 0:
+            raise UsageError(f"blocksize must be positive, got {self.blocksize}")
+        if pattern.is_nm and self.blocksize % pattern.m:
+            raise UsageError(f"blocksize {self.blocksize} is not a multiple of M={pattern.m}")
+        if not self.percdamp > 0:
+            raise UsageError(f"percdamp must be positive, got {self.percdamp}")
+        return pattern
+
+
+def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    pattern = options.checked_pattern(prunable_linears(model))
+
+    def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        linears = linear_layers(layer)
+        hessians = {name: Hessian(m.in_features, device) for name, m in linears.items()}
+        with input_hooks(layer, {name: h.add for name, h in hessians.items()}), torch.no_grad():
+            inputs.run(layer, store=False)
+        for name, module in linears.items():
+            pruned = sparsegpt_prune(module.weight.data, hessians[name].value, pattern,
+                                     blocksize=options.blocksize, percdamp=options.percdamp)
+            module.weight.data = pruned.to(module.weight.dtype)
+            del hessians[name]
+
+    # The original turns TF32 off for SparseGPT; masks depend on it.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        sequential_layers(model, calib, device, handle_layer)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return {"pattern": pattern.name, "blocksize": options.blocksize, "percdamp": options.percdamp}

@@ -1,0 +1,35 @@
+"""Wanda (Sun et al. 2023, arXiv:2306.11695): prune by |W_ij| * ||X_j||, no weight update.
+
+Within a decoder layer all seven projections take their input statistics from one pass through the
+still-dense layer; across layers the process is sequential (layer i+1 sees the pruned layer i).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from methods.anatomy import linear_layers, prunable_linears
+from methods.calibration import LayerInputs, input_hooks, sequential_layers
+from methods.sparsity import InputSquaredNorm, SparseOptions, wanda_mask
+
+Options = SparseOptions
+
+
+def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    pattern = options.checked_pattern(prunable_linears(model))
+    input_norms: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        linears = linear_layers(layer)
+        stats = {name: InputSquaredNorm(m.in_features, device) for name, m in linears.items()}
+        with input_hooks(layer, {name: s.add for name, s in stats.items()}), torch.no_grad():
+            inputs.run(layer, store=False)
+        for name, module in linears.items():
+            mask = wanda_mask(module.weight.data, stats[name].value, pattern)
+            module.weight.data[mask] = 0
+        input_norms[str(index)] = {name: s.value.cpu() for name, s in stats.items()}
+
+    sequential_layers(model, calib, device, handle_layer)
+    return {"pattern": pattern.name, "tensors": {"input_sq_norm": input_norms}}
