@@ -1,0 +1,33 @@
+"""Shared fixtures: where the golden files are, and small models built in the test."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# The golden fixtures live in shared/ beside the checkout (CI lays a copy there too).
+GOLDEN = Path(os.environ.get("LPC_GOLDEN", REPO.parent / "shared" / "golden"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def golden_path(*parts: str) -> Path:
+    path = GOLDEN.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"golden fixture missing: {path} (set LPC_GOLDEN)")
+    return path
+
+
+def tiny_llama(num_kv_heads: int = 2, seed: int = 0, **overrides):
+    """A randomly initialised Llama small enough for unit tests (GQA by default)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=64,
+                  tie_word_embeddings=False)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
