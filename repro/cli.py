@@ -1,0 +1,180 @@
+"""`lpc`: prune a model, reproduce a table, diff results against the papers.
+
+Bad input prints one line (`lpc: error: ...`) and exits 2; a failed diff exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from methods.errors import UsageError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line, like every other bad input."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lpc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub.required = True
+
+    prune = sub.add_parser("prune", help="prune one model and save it as a Hugging Face checkpoint")
+    prune.add_argument("--model", required=True, help="local directory, hub id, or 'smoke'")
+    prune.add_argument("--revision", help="hub revision (commit sha) of --model")
+    prune.add_argument("--method", required=True)
+    prune.add_argument("--sparsity-ratio", type=float)
+    prune.add_argument("--sparsity-type", default="unstructured", help="unstructured or N:M (e.g. 2:4)")
+    prune.add_argument("--exact-count", action="store_true",
+                       help="magnitude: prune exactly int(ratio*numel) instead of the original's threshold rule")
+    prune.add_argument("--blocksize", type=int, help="sparsegpt column block (default 128)")
+    prune.add_argument("--percdamp", type=float, help="sparsegpt dampening fraction (default 0.01)")
+    prune.add_argument("--calib", help="c4 | wikitext2 | bookcorpus | text file or dir | token ids (.pt/.npy)")
+    prune.add_argument("--nsamples", type=int, help="default: 128, or the rows of a token file")
+    prune.add_argument("--seqlen", type=int, help="default: the model context (max 8192), or a token file's width")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    prune.add_argument("--device", help="compute device for layers (default: cuda if available)")
+    prune.add_argument("--out", required=True, type=Path)
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    repro = sub.add_parser("repro", help="run a method's recipe and diff it against its table")
+    repro.add_argument("method")
+    repro.add_argument("--profile", default="smoke", help="paper | smoke")
+    repro.add_argument("--rows", help="comma-separated row ids (default: all)")
+    repro.add_argument("--results-dir", type=Path, default=Path("results/local"))
+    repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
+    repro.add_argument("--no-dense-gate", action="store_true", help="continue even if the dense model is off")
+
+    diff = sub.add_parser("diff", help="print paper | collection | ours | delta | tolerance | status")
+    diff.add_argument("method", nargs="?", help="a method, or omit with --all")
+    diff.add_argument("--all", action="store_true", help="every method and profile that has results")
+    diff.add_argument("--profile", default="smoke")
+    diff.add_argument("--results-dir", type=Path, default=Path("results/local"))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff}[args.command](args)
+    except UsageError as exc:
+        print(f"lpc: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lpc: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_prune(args) -> int:
+    import random
+
+    import numpy as np
+    import torch
+
+    import methods
+    from repro import data
+    from repro.models import load_model, model_seqlen, save_checkpoint
+    from repro.provenance import provenance
+    from repro.results import write_json_atomic
+
+    method = methods.get(args.method)
+    options = {k: v for k, v in {
+        "sparsity_ratio": args.sparsity_ratio, "sparsity_type": args.sparsity_type,
+        "exact_count": args.exact_count or None, "blocksize": args.blocksize, "percdamp": args.percdamp,
+    }.items() if v is not None}
+    methods.make_options(method, options)  # validate before any slow loading
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
+    if method.needs_calibration and not args.calib:
+        raise UsageError(f"method {args.method!r} needs --calib")
+    if args.calib and Path(args.calib).suffix in (".pt", ".npy"):
+        tokens = data.load_token_file(args.calib)  # validate the file before loading the model
+    else:
+        tokens = None
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    timings = {}
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, revision=args.revision)
+    timings["load"] = time.perf_counter() - start
+
+    calib = None
+    calib_info = None
+    if method.needs_calibration:
+        start = time.perf_counter()
+        if tokens is not None:
+            nsamples = args.nsamples or tokens.shape[0]
+            seqlen = args.seqlen or tokens.shape[1]
+        else:
+            nsamples = args.nsamples or 128
+            seqlen = args.seqlen or model_seqlen(model)
+        calib = data.calibration(args.calib, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
+                                 seed=args.seed)
+        timings["calibration"] = time.perf_counter() - start
+        calib_info = {"spec": args.calib, "shape": list(calib.shape), "seed": args.seed}
+
+    report = methods.prune(model, args.method, calib, device=args.device, **options)
+    report.pop("tensors", None)
+    timings["prune"] = report.pop("seconds")
+    start = time.perf_counter()
+    save_checkpoint(model, tokenizer, args.out)
+    timings["save"] = time.perf_counter() - start
+    write_json_atomic(args.out / "prune.json", {
+        **report, "model": args.model, "revision": args.revision, "dtype": args.dtype,
+        "calibration": calib_info, "seed": args.seed, "timings_seconds": timings, **provenance(),
+    })
+    print(f"pruned {args.model} with {args.method}: overall sparsity {report['overall_sparsity']:.4f} -> {args.out}")
+    return 0
+
+
+def cmd_repro(args) -> int:
+    from repro import runner
+
+    rows = [r for r in args.rows.split(",") if r] if args.rows else None
+    try:
+        ok = runner.run(args.method, args.profile, results_root=args.results_dir, rows=rows,
+                        recipe_path=args.recipe, dense_gate=not args.no_dense_gate)
+    except runner.DenseGateFailed as exc:
+        print(f"lpc: dense gate failed: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+def cmd_diff(args) -> int:
+    from repro import diff as differ
+    from repro.tables import available_methods, load_profile
+
+    if args.all == bool(args.method):
+        raise UsageError("give a method or --all (not both)")
+    if args.method:
+        targets = [(args.method, args.profile)]
+    else:
+        # Every (method, profile) whose results folder exists under --results-dir.
+        targets = [(m, p.name) for m in available_methods()
+                   for p in sorted(Path(args.results_dir).glob("*")) if (p / m).is_dir()]
+        if not targets:
+            raise UsageError(f"no results under {args.results_dir}")
+    failed = False
+    for method, profile in targets:
+        table = load_profile(method, profile)
+        results = differ.load_results(args.results_dir, profile, method)
+        cells = differ.diff_cells(table, results)
+        claims = differ.diff_claims(table, args.results_dir, method)
+        print(differ.render(method, table, cells, claims) + "\n")
+        failed |= differ.failed(cells, claims)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Loading models to prune and saving what was pruned.
+
+A model is named by a local directory, a Hugging Face hub id (with an optional revision; the token
+comes from HF_TOKEN in the environment, never from a file of ours), or `smoke` for the bundled
+SmolLM2-135M-Instruct checkpoint.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from methods.anatomy import check_llama_like
+from methods.errors import UsageError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve(spec: str) -> str:
+    if spec == "smoke":
+        from repro.smoke_model import smoke_model_dir
+
+        return str(smoke_model_dir())
+    return spec
+
+
+def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = None,
+               load_tokenizer: bool = True) -> Tuple[torch.nn.Module, object]:
+    """(model, tokenizer or None) on the CPU in `dtype`; methods move layers to the GPU themselves."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    path = resolve(spec)
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UsageError(f"model directory not found: {path}")
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load model {path!r}: {_first_line(exc)}") from None
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or not any(a.endswith("ForCausalLM") for a in architectures):
+        raise UsageError(f"{path} is not a decoder-only causal LM (architectures: {architectures or 'none'})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, torch_dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load model {path!r}: {_first_line(exc)}") from None
+    check_llama_like(model)
+    model.eval()
+    model.config.use_cache = False
+    tokenizer = _load_tokenizer(path, revision) if load_tokenizer else None
+    return model, tokenizer
+
+
+def _load_tokenizer(path: str, revision: Optional[str]):
+    from transformers import AutoTokenizer
+
+    # The originals use the slow SentencePiece tokenizer where one exists (Llama-1/2); Llama-3 has none.
+    for fast in (False, True):
+        try:
+            return AutoTokenizer.from_pretrained(path, revision=revision, use_fast=fast)
+        except (OSError, ValueError, TypeError, ImportError):
+            continue
+    return None
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer, out: Path) -> None:
+    """Save as a Hugging Face checkpoint, atomically: DIR appears complete or not at all."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def model_seqlen(model) -> int:
+    """The collection's `model.seqlen`: the context length, capped at 8192 (Llama-3.1's 131072 hangs the sampler)."""
+    return min(int(model.config.max_position_embeddings), 8192)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

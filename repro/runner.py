@@ -1,0 +1,246 @@
+"""`lpc repro <method>`: the whole data flow of one reproduction, top to bottom.
+
+For each row of the recipe not already done: load the model, draw the calibration tokens, prune,
+evaluate every metric of the method's table, write results/<profile>/<method>/<row>.json atomically.
+The dense row runs first and gates the rest: if the unpruned model does not match its reference,
+pruned numbers would not be comparable, so the run stops and says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import yaml
+
+import methods
+from methods.errors import UsageError
+from repro import diff as differ
+from repro.models import load_model
+from repro.provenance import provenance
+from repro.results import read_json, write_json_atomic
+from repro.tables import Profile, load_profile
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DENSE = "dense"
+
+
+class DenseGateFailed(Exception):
+    """The unpruned model is off its reference; pruning results would not be comparable."""
+
+
+@dataclass
+class Recipe:
+    method: str
+    profile: str
+    config: dict                     # model, dtype, calibration, device, batch_size
+    rows: Dict[str, dict]            # row id -> method options ({} for the dense row)
+    table: Path
+
+    def fingerprint(self, row: str) -> str:
+        """Identity of a row's inputs: a finished result counts only if this still matches."""
+        blob = json.dumps({"config": self.config, "options": self.rows[row], "method": self.method},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_recipe(method: str, profile: str, path: Optional[Path] = None) -> Recipe:
+    path = Path(path) if path else RECIPES / f"{method}.yaml"
+    if not path.is_file():
+        raise UsageError(f"no recipe for method {method!r} ({path})")
+    data = yaml.safe_load(path.read_text()) or {}
+    profiles = data.get("profiles", {})
+    if profile not in profiles:
+        raise UsageError(f"recipe {path.name} has no profile {profile!r}; it has {', '.join(profiles)}")
+    raw = dict(profiles[profile])
+    rows = {str(k): dict(v or {}) for k, v in raw.pop("rows").items()}
+    table = path.parent / raw.pop("table", f"../tables/{data.get('table', method)}.yaml")
+    return Recipe(data.get("method", method), profile, raw, rows, table.resolve())
+
+
+def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[str]] = None,
+        recipe_path: Optional[Path] = None, dense_gate: bool = True, log=print) -> bool:
+    """Run the missing rows, then print the diff. Returns True when the diff passes."""
+    recipe = load_recipe(method, profile, recipe_path)
+    table = load_profile(method, profile, recipe.table)
+    device = recipe.config.get("device", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"profile {profile!r} needs a CUDA GPU and none is visible; "
+                         "on this machine run PROFILE=smoke")
+    selected = _select_rows(recipe, rows)
+    out_dir = differ.results_dir(results_root, profile, method)
+    cache: Dict[str, object] = {}
+    for row in selected:
+        path = out_dir / f"{row}.json"
+        if _finished(path, recipe.fingerprint(row)):
+            log(f"[{method}/{profile}] {row}: done already ({path})")
+        else:
+            log(f"[{method}/{profile}] {row}: running")
+            result = run_row(recipe, table, row, cache, log)
+            write_json_atomic(path, result)
+            log(f"[{method}/{profile}] {row}: {json.dumps(result['metrics'])}")
+        if row == DENSE and dense_gate:
+            _check_dense(table, read_json(path), log)
+    results = differ.load_results(results_root, profile, method)
+    table.rows = {r: cells for r, cells in table.rows.items() if r in selected}
+    cells = differ.diff_cells(table, results)
+    claims = differ.diff_claims(table, results_root, method)
+    log(differ.render(method, table, cells, claims))
+    return not differ.failed(cells, claims)
+
+
+def _select_rows(recipe: Recipe, rows: Optional[List[str]]) -> List[str]:
+    if not rows:
+        return list(recipe.rows)
+    unknown = [r for r in rows if r not in recipe.rows]
+    if unknown:
+        raise UsageError(f"unknown row {', '.join(unknown)}; recipe rows: {', '.join(recipe.rows)}")
+    # The dense gate always comes first.
+    return [r for r in recipe.rows if r in rows]
+
+
+def _finished(path: Path, fingerprint: str) -> bool:
+    if not path.is_file():
+        return False
+    return read_json(path).get("fingerprint") == fingerprint
+
+
+def _check_dense(table: Profile, result: dict, log) -> None:
+    if DENSE not in table.rows:
+        return
+    dense_only = Profile(**{**table.__dict__, "rows": {DENSE: table.rows[DENSE]}})
+    cells = differ.diff_cells(dense_only, {DENSE: result})
+    bad = [c for c in cells if c.status in differ.FAILING]
+    if bad:
+        detail = "; ".join(f"{c.metric}: ours {c.ours} vs {c.reference} (±{c.tolerance})" for c in bad)
+        raise DenseGateFailed(f"dense model is off its reference before any pruning: {detail}. "
+                              "Fix the environment (model revision, dtype, harness) first, "
+                              "or rerun with --no-dense-gate to continue anyway.")
+    log(f"dense gate: {len(cells)} cells within tolerance")
+
+
+def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object], log) -> dict:
+    config = recipe.config
+    options = dict(recipe.rows[row])
+    seed = int(config.get("calibration", {}).get("seed", 0))
+    _seed_everything(seed)
+    stages: Dict[str, dict] = {}
+    with _stage("load", stages):
+        model, tokenizer = load_model(config["model"], dtype=config.get("dtype", "float32"),
+                                      revision=config.get("revision"))
+    report = None
+    calib_info = None
+    if row != DENSE:
+        method = methods.get(recipe.method)
+        calib = None
+        if method.needs_calibration:
+            with _stage("calibration", stages):
+                calib = _calibration(config["calibration"], tokenizer, cache)
+            calib_info = {**config["calibration"], "shape": list(calib.shape),
+                          "sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()}
+        with _stage("prune", stages):
+            report = methods.prune(model, recipe.method, calib, device=config.get("device"), **options)
+        report.pop("tensors", None)
+    model.to(config.get("device", "cpu"))
+    with _stage("evaluate", stages):
+        metrics, harness = evaluate_metrics(model, tokenizer, table, config, cache)
+    return {
+        "method": recipe.method, "profile": recipe.profile, "row": row,
+        "fingerprint": recipe.fingerprint(row), "options": options,
+        "model": {"id": config["model"], "revision": config.get("revision"),
+                  "resolved_commit": getattr(model.config, "_commit_hash", None),
+                  "dtype": config.get("dtype", "float32")},
+        "calibration": calib_info, "seed": seed, "metrics": metrics, "harness": harness,
+        "batch_size": config.get("batch_size", 1), "prune": report, "stages": stages,
+        "provenance": provenance(),
+    }
+
+
+def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict[str, object]):
+    """Every metric the table declares: perplexities directly, accuracies through lm-eval."""
+    from repro import data, evaluate
+
+    metrics: Dict[str, float] = {}
+    tasks = []
+    for key, metric in table.metrics.items():
+        spec = metric.spec
+        if metric.kind == "perplexity":
+            tokens = _cached(cache, ("eval", spec["data"]), lambda: data.eval_tokens(
+                _data_alias(spec["data"]), tokenizer=tokenizer))
+            if spec["protocol"] == "rows":
+                metrics[key] = evaluate.perplexity_rows(model, tokens.reshape(-1, int(spec["seqlen"])))
+            else:
+                metrics[key] = evaluate.perplexity_windows(model, tokens, int(spec["seqlen"]))
+        else:
+            tasks.append((key, evaluate.TaskSpec(name=spec["task"], num_fewshot=int(spec["shots"]),
+                                                 metric=spec["metric"])))
+    harness = None
+    if tasks:
+        scores = evaluate.run_tasks(model, tokenizer, [t for _, t in tasks],
+                                    batch_size=int(config.get("batch_size", 1)),
+                                    limit=config.get("limit"))
+        harness = scores.pop("harness", None)
+        for key, task in tasks:
+            entry = _task_entry(scores, task)
+            metrics[key] = 100.0 * float(entry["value"])
+    return metrics, harness
+
+
+def _task_entry(scores: dict, task) -> dict:
+    for candidate in (f"{task.name}|{task.num_fewshot}|{task.metric}", f"{task.name}|{task.metric}", task.name):
+        if candidate in scores:
+            return scores[candidate]
+    raise KeyError(f"lm-eval returned no {task.metric} for {task.name}")
+
+
+def _calibration(spec: dict, tokenizer, cache):
+    from repro import data
+
+    key = ("calib", json.dumps(spec, sort_keys=True))
+    return _cached(cache, key, lambda: data.calibration(
+        _data_alias(spec["spec"]), tokenizer=tokenizer, nsamples=int(spec["nsamples"]),
+        seqlen=int(spec["seqlen"]), seed=int(spec.get("seed", 0))))
+
+
+def _data_alias(spec: str) -> str:
+    """Recipes name the shipped smoke texts by alias so that they stay valid wherever the kit lives."""
+    from repro import data
+
+    aliases = {"smoke-calib": str(data.SMOKE_CALIB_TEXT), "smoke-eval": str(data.SMOKE_EVAL_TEXT)}
+    return aliases.get(spec, spec)
+
+
+def _cached(cache: Dict[object, object], key, make):
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _stage(name: str, stages: Dict[str, dict]):
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    yield
+    entry = {"seconds": round(time.perf_counter() - start, 3),
+             # ru_maxrss is the process's peak so far (KiB on Linux): an upper bound for this stage.
+             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    stages[name] = entry
+    print(f"  {name}: {entry['seconds']:.1f}s", file=sys.stderr)
