@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command in ("prune", "repro"):
+            from repro.models import quiet_transformers
+
+            quiet_transformers()
         return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff}[args.command](args)
     except UsageError as exc:
         print(f"lpc: error: {exc}", file=sys.stderr)

@@ -19,6 +19,22 @@ from methods.errors import UsageError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """`dtype=` on transformers >= 4.56, `torch_dtype=` before (the new name warns on old, and vice versa)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def quiet_transformers() -> None:
+    """No progress bars or advisory warnings from transformers on a command line's stderr."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def resolve(spec: str) -> str:
     if spec == "smoke":
         from repro.smoke_model import smoke_model_dir
@@ -48,7 +64,7 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
     if getattr(config, "is_encoder_decoder", False) or not any(a.endswith("ForCausalLM") for a in architectures):
         raise UsageError(f"{path} is not a decoder-only causal LM (architectures: {architectures or 'none'})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, torch_dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **dtype_kwarg(DTYPES[dtype]))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load model {path!r}: {_first_line(exc)}") from None
     check_llama_like(model)

