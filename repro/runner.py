@@ -46,10 +46,17 @@ class Recipe:
     rows: Dict[str, dict]            # row id -> method options ({} for the dense row)
     table: Path
 
-    def fingerprint(self, row: str) -> str:
-        """Identity of a row's inputs: a finished result counts only if this still matches."""
-        blob = json.dumps({"config": self.config, "options": self.rows[row], "method": self.method},
-                          sort_keys=True)
+    def fingerprint(self, row: str, metrics: Dict[str, dict]) -> str:
+        """Identity of a row's inputs: a finished result counts only if this still matches.
+
+        The dense row does not depend on the method (only calibration is method-specific, and the
+        dense row draws none), so every method's recipe shares one dense result per profile.
+        """
+        config = {k: v for k, v in self.config.items() if row != DENSE or k != "calibration"}
+        identity = {"config": config, "options": self.rows[row], "metrics": metrics}
+        if row != DENSE:
+            identity["method"] = self.method
+        blob = json.dumps(identity, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -78,14 +85,21 @@ def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[st
                          "on this machine run PROFILE=smoke")
     selected = _select_rows(recipe, rows)
     out_dir = differ.results_dir(results_root, profile, method)
+    measures = {key: {"kind": m.kind, **m.spec} for key, m in table.metrics.items()}
     cache: Dict[str, object] = {}
     for row in selected:
         path = out_dir / f"{row}.json"
-        if _finished(path, recipe.fingerprint(row)):
+        fingerprint = recipe.fingerprint(row, measures)
+        shared = _shared_dense(results_root, profile, fingerprint) if row == DENSE else None
+        if _finished(path, fingerprint):
             log(f"[{method}/{profile}] {row}: done already ({path})")
+        elif shared is not None:
+            write_json_atomic(path, {**read_json(shared), "method": method})
+            log(f"[{method}/{profile}] {row}: same dense model and protocol as {shared}, reused")
         else:
             log(f"[{method}/{profile}] {row}: running")
             result = run_row(recipe, table, row, cache, log)
+            result["fingerprint"] = fingerprint
             write_json_atomic(path, result)
             log(f"[{method}/{profile}] {row}: {json.dumps(result['metrics'])}")
         if row == DENSE and dense_gate:
@@ -105,6 +119,13 @@ def _select_rows(recipe: Recipe, rows: Optional[List[str]]) -> List[str]:
     chosen = [r for r in recipe.rows if not rows or r in rows]
     # The dense gate always runs first, whatever the order of the recipe.
     return sorted(chosen, key=lambda r: r != DENSE)
+
+
+def _shared_dense(results_root: Path, profile: str, fingerprint: str) -> Optional[Path]:
+    for path in sorted(Path(results_root).glob(f"{profile}/*/{DENSE}.json")):
+        if _finished(path, fingerprint):
+            return path
+    return None
 
 
 def _finished(path: Path, fingerprint: str) -> bool:
@@ -154,7 +175,7 @@ def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object], 
         metrics, harness = evaluate_metrics(model, tokenizer, table, config, cache)
     return {
         "method": recipe.method, "profile": recipe.profile, "row": row,
-        "fingerprint": recipe.fingerprint(row), "options": options,
+        "options": options,
         "model": {"id": config["model"], "revision": config.get("revision"),
                   "resolved_commit": getattr(model.config, "_commit_hash", None),
                   "dtype": config.get("dtype", "float32")},
@@ -175,6 +196,8 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
         if metric.kind == "perplexity":
             tokens = _cached(cache, ("eval", spec["data"]),
                              lambda: data.eval_tokens(spec["data"], tokenizer=tokenizer))
+            if "max_windows" in spec:  # smoke: a fixed prefix of the stream keeps CPU runs short
+                tokens = tokens[:, : int(spec["max_windows"]) * int(spec["seqlen"])]
             if spec["protocol"] == "rows":
                 metrics[key] = evaluate.perplexity_rows(model, tokens.reshape(-1, int(spec["seqlen"])))
             else:

@@ -63,6 +63,11 @@ def test_matches_original(run, data):
         assert min(first) >= 0.999, agreement
         assert np.mean(list(agreement.values())) >= 0.95, agreement
         assert ppl == pytest.approx(want_ppl, rel=0.02)
+        # Where the masks agree (all of them on this CPU), the OBS-updated weights agree too.
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name and agreement[name] == 1.0:
+                np.testing.assert_allclose(module.weight.detach().numpy(), expected[f"weight/{name}"],
+                                           rtol=1e-5, atol=1e-6)
     else:
         assert all(a == 1.0 for a in agreement.values()), {n: a for n, a in agreement.items() if a < 1}
         assert ppl == pytest.approx(want_ppl, rel=1e-3)

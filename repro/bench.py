@@ -1,0 +1,137 @@
+"""`make bench`: how long each method takes, against one plain forward pass over the same tokens.
+
+For every method, in a fresh process (so peak memory is the method's own): load the model, draw the
+calibration tokens, time one plain forward pass over them (batch 1 per sample, as the calibration
+engine runs), time the pruning alone, and time the whole prune end to end (load, calibration, prune,
+save). Results go to a JSON file; the targets (Wanda <= 2x the forward, SparseGPT <= 4x) are reported,
+never asserted: timings belong to benchmarks, not tests.
+
+    python -m repro.bench --out bench/out/bench.json [--model smoke] [--nsamples 16 --seqlen 256]
+    python -m repro.bench --random-llama2-7b --dtype bfloat16 --device cuda   # on a GPU machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = {"wanda": 2.0, "sparsegpt": 4.0}
+OPTIONS = {"magnitude": {"sparsity_ratio": 0.5}, "wanda": {"sparsity_ratio": 0.5},
+           "sparsegpt": {"sparsity_ratio": 0.5}}
+
+
+def bench_one(method: str, args) -> dict:
+    import torch
+
+    import methods
+    from repro import data
+    from repro.models import load_model, quiet_transformers, save_checkpoint
+
+    quiet_transformers()
+    start = time.perf_counter()
+    if args.random_llama2_7b:
+        model, tokenizer = random_llama2_7b(args.dtype), None
+        calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
+                              generator=torch.Generator().manual_seed(0))
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        calib = data.calibration(args.calib, tokenizer=tokenizer, nsamples=args.nsamples, seqlen=args.seqlen)
+    device = torch.device(args.device)
+    forward = plain_forward_seconds(model, calib, device)
+    report = methods.prune(model, method, calib, device=args.device, **OPTIONS[method])
+    with tempfile.TemporaryDirectory() as out:
+        if not args.random_llama2_7b:
+            save_checkpoint(model, tokenizer, Path(out) / "model")
+    end_to_end = time.perf_counter() - start - forward  # the reference forward is not part of a prune
+    result = {"method": method, "forward_seconds": forward, "prune_seconds": report["seconds"],
+              "end_to_end_seconds": end_to_end, "ratio_to_forward": report["seconds"] / forward,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "calibration_shape": list(calib.shape), "device": args.device, "dtype": args.dtype}
+    if torch.cuda.is_available():
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if method in TARGETS:
+        result["target_ratio"] = TARGETS[method]
+        result["meets_target"] = result["ratio_to_forward"] <= TARGETS[method]
+    return result
+
+
+def plain_forward_seconds(model, calib, device) -> float:
+    """One ordinary forward of the model over every calibration sample (batch 1, as the engine feeds them)."""
+    import torch
+
+    home = next(model.parameters()).device
+    model.to(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for row in calib:
+            model(row[None].to(device), use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    model.to(home)
+    return seconds
+
+
+def random_llama2_7b(dtype: str):
+    """Llama-2-7B's shapes with random weights: for timing only, no download needed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from repro.models import DTYPES
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                         max_position_embeddings=4096)
+    torch.set_default_dtype(DTYPES[dtype])
+    try:
+        return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m repro.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/out/bench.json"))
+    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--model", default="smoke")
+    parser.add_argument("--calib", default="smoke")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-llama2-7b", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(bench_one(args.one, args)))
+        return 0
+    results = []
+    for method in args.methods.split(","):
+        passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+        proc = subprocess.run([sys.executable, "-m", "repro.bench", *passthrough, "--one", method],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return proc.returncode
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(result)
+        target = f" (target <= {result['target_ratio']}x: {'met' if result['meets_target'] else 'MISSED'})" \
+            if "target_ratio" in result else ""
+        print(f"{method:10s} prune {result['prune_seconds']:8.2f}s  forward {result['forward_seconds']:7.2f}s  "
+              f"ratio {result['ratio_to_forward']:5.2f}x{target}  end-to-end {result['end_to_end_seconds']:7.2f}s  "
+              f"peak RSS {result['peak_rss_mib']:.0f} MiB")
+    from repro.provenance import provenance
+    from repro.results import write_json_atomic
+
+    write_json_atomic(args.out, {"results": results, "provenance": provenance()})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
