@@ -210,18 +210,11 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
         scores = evaluate.run_tasks(model, tokenizer, [t for _, t in tasks],
                                     batch_size=int(config.get("batch_size", 1)),
                                     limit=config.get("limit"))
-        harness = scores.pop("harness", None)
+        harness = scores.pop("harness")
         for key, task in tasks:
-            entry = _task_entry(scores, task)
-            metrics[key] = 100.0 * float(entry["value"])
+            metrics[key] = 100.0 * evaluate.cell_value(scores, task)
+        harness["tasks"] = {k: {f: v for f, v in e.items() if f != "metrics"} for k, e in scores.items()}
     return metrics, harness
-
-
-def _task_entry(scores: dict, task) -> dict:
-    for candidate in (f"{task.name}|{task.num_fewshot}|{task.metric}", f"{task.name}|{task.metric}", task.name):
-        if candidate in scores:
-            return scores[candidate]
-    raise KeyError(f"lm-eval returned no {task.metric} for {task.name}")
 
 
 def _calibration(spec: dict, tokenizer, cache):

@@ -1,0 +1,344 @@
+"""Token ids for calibration and for perplexity, sampled exactly as the original code bases did.
+
+Two entry points:
+
+* ``calibration(spec, tokenizer=..., nsamples=..., seqlen=..., seed=...)`` -> LongTensor [nsamples, seqlen]
+* ``eval_tokens(spec, tokenizer=...)`` -> LongTensor [1, N], the stream a perplexity protocol windows
+
+Calibration specs
+-----------------
+``c4``
+    Wanda / SparseGPT (spec §1.2): ``allenai/c4`` config ``en``, only the file
+    ``en/c4-train.00000-of-01024.json.gz``, split train. ``random.seed(seed)`` once, then per sample:
+    draw a document with ``random.randint(0, ndocs - 1)``, tokenize it with the tokenizer's default
+    special tokens (BOS for Llama), redraw until it has strictly more than ``seqlen`` tokens, draw
+    ``start = random.randint(0, ntok - seqlen - 1)`` and keep ``[start, start + seqlen)``. A document
+    can be drawn twice.
+``wikitext2``
+    The Wanda / FLAP ``get_wikitext2`` sampler: ``wikitext-2-raw-v1`` train rows joined with a single
+    space (that is what both repositories do; the test split is joined with "\\n\\n"), tokenized once,
+    ``random.seed(seed)``, then per sample ``start = random.randint(0, N - seqlen - 1)``.
+``bookcorpus``
+    The LLM-Pruner / Shortened-LLaMA sampler (spec §9.3, §10.2, P15): ``random.seed(seed)`` (the
+    recipes pass 42 for LLM-Pruner, 1234 for Shortened), then per sample: draw a row with
+    ``random.randint(0, nrows - 1)``, tokenize it with default special tokens (BOS included in the
+    count), redraw until it has **at least** ``seqlen`` tokens and was not accepted before, draw
+    ``start = random.randint(0, ntok - seqlen)`` and keep ``[start, start + seqlen)``. Upstream seeds
+    Python's ``random`` at program start rather than just before sampling; nothing in between draws
+    from it [inference from hf_prune.py], so seeding here gives the same rows.
+``smoke``
+    The shipped public-domain text ``SMOKE_CALIB_TEXT`` (see below), sampled like a local directory.
+a local text path (file or directory)
+    The documents are: for a directory, each regular file directly inside it (sorted by name, symlinks
+    followed, hidden files and files named README skipped) is one document; for a single file, the
+    paragraphs, i.e. the pieces between blank lines (lines holding only whitespace), stripped, empty
+    ones dropped. Text is read as UTF-8 with undecodable bytes replaced. Then the ``c4`` algorithm runs
+    over this document list. If no document has more than ``seqlen`` tokens, a UsageError names the
+    longest one instead of looping forever (upstream would, spec P6).
+``text-stream:PATH``
+    The same file or directory read as one stream (the documents joined with "\\n\\n", tokenized once)
+    and sampled with the ``wikitext2`` algorithm. Use it when the documents are too short.
+a token file ``*.pt`` / ``*.npy``
+    A 2-D integer tensor [rows, seqlen_in_file] (``torch.load(weights_only=True)`` / ``numpy.load``
+    without pickles). The first ``nsamples`` rows are returned; fewer rows or another seqlen is a
+    UsageError. ``load_token_file`` validates without slicing (the CLI uses the file's shape when the
+    user gave no ``--nsamples``/``--seqlen``).
+
+Evaluation specs
+----------------
+``wikitext2`` (``wikitext-2-raw-v1`` test) and ``ptb`` (``ptb_text_only`` validation, field
+``sentence``): rows joined with "\\n\\n" and tokenized once, so a Llama tokenizer puts one BOS at the
+very start (spec §1.4, §9.6). ``smoke`` is ``SMOKE_EVAL_TEXT``. A local file, or a directory's files in
+sorted order, is joined with "\\n\\n" and tokenized once. A token file is flattened row by row into
+[1, rows * seqlen] (how the golden fixtures are evaluated). ``add_special_tokens=False`` tokenizes
+without BOS, for the Shortened-LLaMA per-window-BOS protocol (spec §10.8).
+
+Hub data goes through ``datasets.load_dataset`` (spec P8): C4 by config ``en`` plus explicit
+``data_files`` with verification off (the shard does not match the split sizes in the dataset card);
+``bookcorpus`` and ``ptb_text_only`` were script datasets, which need ``trust_remote_code`` on datasets
+2.20-3.x and no longer run at all on datasets >= 4, where their parquet conversion is read instead.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from methods.errors import UsageError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SMOKE_CALIB_TEXT = ASSETS / "text" / "calib"
+SMOKE_EVAL_TEXT = ASSETS / "text" / "eval.txt"
+# Debian/Ubuntu ship these licence texts; handy real English when the kit's own text is not wanted.
+OS_LICENSE_TEXTS = Path("/usr/share/common-licenses")
+
+C4_DATASET = "allenai/c4"
+C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
+WIKITEXT_DATASET = "Salesforce/wikitext"  # the hub's current home of the old canonical "wikitext"
+WIKITEXT_CONFIG = "wikitext-2-raw-v1"
+
+HUB_CALIBRATION = ("c4", "wikitext2", "bookcorpus")
+HUB_EVAL = ("wikitext2", "ptb")
+TOKEN_FILE_SUFFIXES = (".pt", ".npy")
+STREAM_PREFIX = "text-stream:"
+
+# C4 sampling redraws until a long enough document turns up. Far more redraws than this in a row means
+# the corpus has (almost) none, and upstream would spin forever (spec P6).
+MAX_REDRAWS = 200_000
+
+_ACCEPTED_CALIB = ("c4, wikitext2, bookcorpus, smoke, a text file or directory, "
+                   "text-stream:PATH, or a token file (.pt/.npy)")
+_ACCEPTED_EVAL = "wikitext2, ptb, smoke, a text file or directory, or a token file (.pt/.npy)"
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+def calibration(spec: str, *, tokenizer=None, nsamples: int, seqlen: int, seed: int = 0) -> torch.LongTensor:
+    """Calibration token ids [nsamples, seqlen] for `spec` (see the module docstring)."""
+    _check_positive("nsamples", nsamples)
+    _check_positive("seqlen", seqlen)
+    spec = str(spec)
+    if _is_token_file(spec):
+        return _rows_from_token_file(spec, nsamples, seqlen)
+    if spec == "c4":
+        data = _load_c4_train()
+        return sample_documents_wanda(len(data), lambda i: data[i]["text"], _encoder(tokenizer),
+                                      nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if spec == "wikitext2":
+        text = " ".join(_hub_text(WIKITEXT_DATASET, WIKITEXT_CONFIG, "train", "text"))
+        return sample_stream(_encoder(tokenizer)(text), nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if spec == "bookcorpus":
+        data = _load_bookcorpus()
+        return sample_documents_llmpruner(len(data), lambda i: data[i]["text"], _encoder(tokenizer),
+                                          nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if spec.startswith(STREAM_PREFIX):
+        path = _existing_path(spec[len(STREAM_PREFIX):], _ACCEPTED_CALIB)
+        stream = _encoder(tokenizer)("\n\n".join(read_documents(path, paragraphs=False)))
+        return sample_stream(stream, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    path = _local_text_path(spec, _ACCEPTED_CALIB, SMOKE_CALIB_TEXT)
+    encode = _encoder(tokenizer)
+    # Local corpora are small: tokenize every document once, which also lets us refuse a corpus with
+    # no usable document up front instead of redrawing forever.
+    docs = [encode(text) for text in read_documents(path)]
+    longest = max((len(d) for d in docs), default=0)
+    if longest <= seqlen:
+        raise UsageError(f"no document in {path} has more than seqlen={seqlen} tokens (longest: {longest}); "
+                         f"use a shorter seqlen or '{STREAM_PREFIX}{path}'")
+    return sample_documents_wanda(len(docs), docs.__getitem__, lambda ids: ids,
+                                  nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def eval_tokens(spec: str, *, tokenizer=None, add_special_tokens: bool = True) -> torch.LongTensor:
+    """The token stream [1, N] a perplexity protocol windows (see the module docstring)."""
+    spec = str(spec)
+    if _is_token_file(spec):
+        return load_token_file(spec).reshape(1, -1)
+    if spec == "wikitext2":
+        text = "\n\n".join(_hub_text(WIKITEXT_DATASET, WIKITEXT_CONFIG, "test", "text"))
+    elif spec == "ptb":
+        text = "\n\n".join(_hub_text("ptb_text_only", "penn_treebank", "validation", "sentence",
+                                     script=True))
+    else:
+        path = _local_text_path(spec, _ACCEPTED_EVAL, SMOKE_EVAL_TEXT)
+        text = "\n\n".join(read_documents(path, paragraphs=False))
+    ids = _encoder(tokenizer, add_special_tokens=add_special_tokens)(text)
+    return torch.tensor(ids, dtype=torch.long).reshape(1, -1)
+
+
+def load_token_file(path) -> torch.LongTensor:
+    """Load and validate a token-id file: 2-D, integer, non-negative. Returned as is (int64)."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise UsageError(f"token file not found: {path}")
+    if path.suffix not in TOKEN_FILE_SUFFIXES:
+        raise UsageError(f"token file must end in .pt or .npy: {path}")
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            array = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to parse is the user's file, not our bug
+        raise UsageError(f"cannot load token file {path}: {type(exc).__name__}: {_one_line(exc)}") from None
+    if isinstance(array, np.ndarray):
+        if array.dtype.kind not in "iu":
+            raise UsageError(f"token file {path} must hold integer ids, not dtype {array.dtype}")
+        if array.ndim == 2 and array.size and array.min() < 0:
+            raise UsageError(f"token file {path} holds negative token ids (min {int(array.min())})")
+        array = torch.from_numpy(array.astype(np.int64))
+    elif not isinstance(array, torch.Tensor):
+        raise UsageError(f"token file {path} must hold one tensor, not a {type(array).__name__}")
+    tokens = array
+    if tokens.dim() != 2:
+        raise UsageError(f"token file {path} must be 2-D [nsamples, seqlen], got shape {list(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise UsageError(f"token file {path} must hold integer ids, not {tokens.dtype}")
+    if tokens.numel() == 0:
+        raise UsageError(f"token file {path} is empty (shape {list(tokens.shape)})")
+    if int(tokens.min()) < 0:
+        raise UsageError(f"token file {path} holds negative token ids (min {int(tokens.min())})")
+    return tokens.to(torch.long).contiguous()
+
+
+# ----------------------------------------------------------------------------- the samplers
+
+def sample_documents_wanda(ndocs: int, get: Callable[[int], object], encode: Callable[[object], List[int]], *,
+                           nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+    """The Wanda/SparseGPT C4 sampler over `ndocs` documents; `encode(get(i))` gives token ids."""
+    random.seed(seed)
+    rows = []
+    for _ in range(nsamples):
+        for _attempt in range(MAX_REDRAWS):
+            ids = encode(get(random.randint(0, ndocs - 1)))
+            if len(ids) > seqlen:
+                break
+        else:
+            raise UsageError(f"found no document with more than seqlen={seqlen} tokens in "
+                             f"{MAX_REDRAWS} draws; use a shorter seqlen")
+        start = random.randint(0, len(ids) - seqlen - 1)
+        rows.append(list(ids[start:start + seqlen]))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def sample_documents_llmpruner(ndocs: int, get: Callable[[int], object], encode: Callable[[object], List[int]], *,
+                               nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+    """The LLM-Pruner/Shortened BookCorpus sampler: >= seqlen tokens, no document twice."""
+    random.seed(seed)
+    accepted = set()
+    rows = []
+    for _ in range(nsamples):
+        for _attempt in range(MAX_REDRAWS):
+            index = random.randint(0, ndocs - 1)
+            ids = encode(get(index))
+            if len(ids) >= seqlen and index not in accepted:
+                accepted.add(index)
+                break
+        else:
+            raise UsageError(f"found no unused document with at least seqlen={seqlen} tokens in "
+                             f"{MAX_REDRAWS} draws; use a shorter seqlen or fewer samples")
+        start = random.randint(0, len(ids) - seqlen)
+        rows.append(list(ids[start:start + seqlen]))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def sample_stream(ids: Sequence[int], *, nsamples: int, seqlen: int, seed: int) -> torch.LongTensor:
+    """The Wanda/FLAP wikitext2 sampler: random windows of one token stream."""
+    if len(ids) <= seqlen:
+        raise UsageError(f"the token stream has {len(ids)} tokens; seqlen={seqlen} needs more than that")
+    stream = torch.as_tensor(list(ids), dtype=torch.long)
+    random.seed(seed)
+    starts = [random.randint(0, len(stream) - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([stream[s:s + seqlen] for s in starts])
+
+
+# ----------------------------------------------------------------------------- local text
+
+def read_documents(path: Path, *, paragraphs: bool = True) -> List[str]:
+    """The documents of a local text path (rule in the module docstring).
+
+    With paragraphs=False a single file is one document (for streams, where the split does not matter).
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.name != "README")
+        if not files:
+            raise UsageError(f"no text files in directory {path}")
+        return [_read_text(p) for p in files]
+    text = _read_text(path)
+    if not paragraphs:
+        return [text]
+    return [piece.strip() for piece in re.split(r"\n[ \t\r\f\v]*\n", text) if piece.strip()]
+
+
+def _read_text(path: Path) -> str:
+    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def _local_text_path(spec: str, accepted: str, smoke: Path) -> Path:
+    if spec == "smoke":
+        return smoke
+    return _existing_path(spec, accepted)
+
+
+def _existing_path(raw: str, accepted: str) -> Path:
+    path = Path(os.path.expanduser(raw))
+    if path.exists():
+        return path
+    if os.sep in raw or raw.startswith((".", "~")) or path.suffix:
+        raise UsageError(f"data path not found: {raw}")
+    raise UsageError(f"unknown data spec {raw!r}; expected {accepted}")
+
+
+def _is_token_file(spec: str) -> bool:
+    return spec.lower().endswith(TOKEN_FILE_SUFFIXES) and not spec.startswith(STREAM_PREFIX)
+
+
+def _rows_from_token_file(spec: str, nsamples: int, seqlen: int) -> torch.LongTensor:
+    tokens = load_token_file(spec)
+    rows, length = tokens.shape
+    if length != seqlen:
+        raise UsageError(f"token file {spec} has seqlen {length}, but seqlen {seqlen} was requested")
+    if rows < nsamples:
+        raise UsageError(f"token file {spec} has {rows} rows, fewer than the {nsamples} samples requested")
+    return tokens[:nsamples].clone()
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def _encoder(tokenizer, *, add_special_tokens: bool = True) -> Callable[[str], List[int]]:
+    if tokenizer is None:
+        raise UsageError("a tokenizer is needed to turn text into token ids (only .pt/.npy token files work without one)")
+
+    def encode(text: str) -> List[int]:
+        # verbose=False: whole documents are longer than model_max_length, which is fine here
+        # because no model sees them unwindowed.
+        return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+
+    return encode
+
+
+# ----------------------------------------------------------------------------- hub loaders
+
+def _load_dataset(*args, script: bool = False, **kwargs):
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("hub data needs the 'datasets' package: pip install datasets") from None
+    major = int(datasets.__version__.split(".")[0])
+    if script and major < 4:
+        # Script datasets run their loading script only when trusted (2.20-3.x); on datasets >= 4 the
+        # scripts are gone and the parquet conversion the hub keeps under refs/convert/parquet is read.
+        kwargs["trust_remote_code"] = True
+    elif script:
+        kwargs["revision"] = "refs/convert/parquet"
+    return datasets.load_dataset(*args, **kwargs)
+
+
+def _load_c4_train():
+    return _load_dataset(C4_DATASET, "en", data_files={"train": C4_TRAIN_FILE}, split="train",
+                         verification_mode="no_checks")
+
+
+def _load_bookcorpus():
+    # [unverified] on datasets >= 4 the parquet conversion is assumed to keep the script's row order.
+    return _load_dataset("bookcorpus", split="train", script=True)
+
+
+def _hub_text(path: str, name: str, split: str, field: str, *, script: bool = False) -> List[str]:
+    return list(_load_dataset(path, name, split=split, script=script)[field])
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
