@@ -86,7 +86,8 @@ def cmd_prune(args) -> int:
 
     import methods
     from repro import data
-    from repro.models import load_model, model_seqlen, save_checkpoint
+    from repro.evaluate import model_seqlen
+    from repro.models import load_model, save_checkpoint
     from repro.provenance import provenance
     from repro.results import write_json_atomic
 

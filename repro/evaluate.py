@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.errors import UsageError
+from repro.provenance import package_version
 
 SMOKE_TASK_DIR = Path(__file__).resolve().parent / "assets" / "tasks"
 SMOKE_TASK = "lpc_smoke_mc"
@@ -245,7 +246,7 @@ def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: int = 
         elif spec.metric not in out[spec.key]["metrics"]:
             raise _missing_metric(spec, out[spec.key]["metrics"])
     out["harness"] = {
-        "lm_eval": getattr(lm_eval, "__version__", None) or _dist_version("lm_eval"),
+        "lm_eval": getattr(lm_eval, "__version__", None) or package_version("lm_eval"),
         "task_versions": dict(sorted((str(k), v) for k, v in versions.items())),
         "add_bos_token": False,
         "seed": seed,
@@ -392,11 +393,3 @@ def _import_lm_eval() -> Tuple[Any, Any, Any]:
     except ImportError as exc:
         raise UsageError(f"task evaluation needs lm-eval 0.4.x (pip install 'lm-eval>=0.4'): {exc}") from None
     return lm_eval, HFLM, TaskManager
-
-
-def _dist_version(name: str) -> Optional[str]:
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:
-        return None

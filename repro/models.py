@@ -103,11 +103,6 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, out: Path) -> None:
         raise
 
 
-def model_seqlen(model) -> int:
-    """The collection's `model.seqlen`: the context length, capped at 8192 (Llama-3.1's 131072 hangs the sampler)."""
-    return min(int(model.config.max_position_embeddings), 8192)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

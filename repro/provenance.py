@@ -13,15 +13,18 @@ PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "accelerate", "safet
 REPO = Path(__file__).resolve().parents[1]
 
 
-def package_versions() -> Dict[str, Optional[str]]:
+def package_version(name: str) -> Optional[str]:
     from importlib import metadata
 
+    try:
+        return metadata.version(name.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions() -> Dict[str, Optional[str]]:
     versions: Dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions.update({name: package_version(name) for name in PACKAGES})
     return versions
 
 

