@@ -56,7 +56,8 @@ def provenance() -> Dict[str, object]:
     return {
         "kit_version": KIT_VERSION,
         "git_sha": git_sha(),
-        "image_digest": os.environ.get("LPC_IMAGE_DIGEST"),
+        # docker/container.sh passes the exact image reference (by digest) a run executes in.
+        "image_digest": os.environ.get("LPC_IMAGE_REF"),
         "packages": package_versions(),
         "hardware": hardware(),
     }
