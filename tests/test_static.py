@@ -1,9 +1,10 @@
 """Static checks of the kit itself: Python 3.9 syntax, and every public make target resolves."""
 from __future__ import annotations
 
+import ast
+import glob
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -15,18 +16,29 @@ PUBLIC_TARGETS = ["help", "setup", "test", "test-tf443", "test-jobman", "test-al
                   "report", "diff-committed", *(f"{verb}-{m}" for verb in ("repro", "image", "pull") for m in METHODS)]
 
 
-def _python39_runs() -> bool:
-    if shutil.which("python3.9") is None:
-        return False
-    return subprocess.run(["python3.9", "--version"], capture_output=True).returncode == 0
+def _kit_files():
+    return [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
 
 
-@pytest.mark.skipif(not _python39_runs(), reason="no working python3.9 on PATH")
-def test_kit_compiles_under_python39():
+def _python39():
+    """A working Python 3.9 interpreter, if this machine has one (pyenv keeps them off PATH)."""
+    candidates = [shutil.which("python3.9"), *sorted(glob.glob("/root/.pyenv/versions/3.9*/bin/python3.9"))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "--version"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def test_kit_parses_with_python39_grammar():
     """The images run the kit on Python 3.9: no syntax from later versions may creep in."""
-    files = [str(p) for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
-    code = "import sys, ast\nfor f in sys.argv[1:]: ast.parse(open(f).read(), f, feature_version=(3, 9))"
-    proc = subprocess.run(["python3.9", "-c", code, *files], capture_output=True, text=True)
+    for path in _kit_files():
+        ast.parse(path.read_text(), str(path), feature_version=(3, 9))
+
+
+@pytest.mark.skipif(_python39() is None, reason="no working python3.9 on this machine")
+def test_kit_compiles_under_a_real_python39():
+    code = "import sys, ast\nfor f in sys.argv[1:]: ast.parse(open(f).read(), f)"
+    proc = subprocess.run([_python39(), "-c", code, *map(str, _kit_files())], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
