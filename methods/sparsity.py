@@ -113,8 +113,12 @@ def magnitude_mask(weight: torch.Tensor, pattern: SparsityPattern, *, exact_coun
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.sort(flat, stable=True)[1][:k]] = True
         return mask.reshape(weight.shape)
-    threshold = torch.sort(flat)[0][k]
-    return scores <= threshold
+    return scores <= kth_smallest(flat, k)
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """`sort(values)[k]` (0-based), the originals' threshold, by selection instead of a full sort."""
+    return torch.kthvalue(values, k + 1).values
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
@@ -197,8 +201,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Sparsi
             mask1 = torch.zeros((W.shape[0], i2 - i1), dtype=torch.bool, device=W.device)
         else:
             scores = W[:, i1:i2] ** 2 / d2
-            threshold = torch.sort(scores.flatten())[0][int(scores.numel() * pattern.ratio)]
-            mask1 = scores <= threshold
+            mask1 = scores <= kth_smallest(scores.flatten(), int(scores.numel() * pattern.ratio))
         # The sweep runs on the block transposed, so that each column is a contiguous row: the
         # per-column rank-1 updates are the same products and differences, ~5x faster on a CPU.
         W1t = W[:, i1:i2].t().contiguous()

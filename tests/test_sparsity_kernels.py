@@ -117,3 +117,12 @@ def test_bad_patterns(kind, ratio, message):
 def test_width_not_divisible_by_m():
     with pytest.raises(UsageError, match="not divisible by M=8"):
         SparsityPattern.parse("4:8", None).check_width("layer.q_proj", 12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kth_smallest_is_the_sorted_threshold(seed):
+    from methods.sparsity import kth_smallest
+
+    values = tied_weights(rows=37, cols=53, seed=seed).abs().flatten() if seed % 2 else torch.randn(1999).abs()
+    for k in (0, values.numel() // 2, values.numel() - 1):
+        assert torch.equal(kth_smallest(values, k), torch.sort(values)[0][k])
