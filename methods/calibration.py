@@ -16,7 +16,7 @@ so masks, positions and rotary tables are the same for every sample.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from methods.anatomy import decoder_layers, linear_layers
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward once layer 0's inputs are known."""
+    """Raised by a hook to stop a forward once the inputs it needed have been recorded."""
 
 
 class LayerInputs:
@@ -36,17 +36,14 @@ class LayerInputs:
         self.args = args              # positional arguments after hidden_states (usually none)
         self.kwargs = kwargs          # keyword arguments the model passed to its decoder layers
 
-    def run(self, layer: nn.Module, *, store: bool) -> None:
-        """Feed every sample through `layer` (batch size 1, as the originals do).
-
-        With store=True the outputs replace the inputs, so the next call sees the next layer's inputs.
-        """
+    def advance(self, layer: nn.Module) -> None:
+        """Feed every sample through `layer` (batch size 1, as the originals do) and keep the outputs:
+        they are the next layer's inputs."""
         for index in range(self.hidden.shape[0]):
             out = layer(self.hidden[index:index + 1], *self.args, **self.kwargs)
             # transformers < 4.48 returns a tuple, newer versions the tensor itself.
             out = out[0] if isinstance(out, (tuple, list)) else out
-            if store:
-                self.hidden[index] = out.reshape(self.hidden.shape[1:])
+            self.hidden[index] = out.reshape(self.hidden.shape[1:])
 
 
 def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, device: torch.device) -> LayerInputs:
@@ -101,35 +98,49 @@ def sequential_layers(model: nn.Module, calib: torch.Tensor, device: torch.devic
     """Process decoder layers in order, each seeing inputs produced by the already-processed layers.
 
     `handle_layer(index, layer, inputs)` runs with the layer on `device`; it may call
-    `inputs.run(layer, store=False)` under its own hooks to gather statistics from the still-dense
-    layer, then prune. Afterwards the engine runs the (pruned) layer to make the next inputs.
+    `gather_inputs(layer, inputs, ...)` to gather statistics from the still-dense layer, then
+    prune. Afterwards the engine runs the (pruned) layer to make the next inputs.
     """
     with torch.no_grad():
         inputs = capture_layer_inputs(model, calib, device)
-    for index, layer in enumerate(decoder_layers(model)):
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
         home = _device_of(layer)
         layer.to(device)
         handle_layer(index, layer, inputs)
-        with torch.no_grad():
-            inputs.run(layer, store=True)
+        if index + 1 < len(layers):  # the last layer's outputs would feed nothing
+            with torch.no_grad():
+                inputs.advance(layer)
         layer.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-@contextlib.contextmanager
-def input_hooks(layer: nn.Module, collect: Dict[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
-    """While active, call collect[name](input) with the input of each named Linear of `layer`."""
+def gather_inputs(layer: nn.Module, inputs: LayerInputs, collect: Dict[str, Callable[[torch.Tensor], None]]) -> None:
+    """Feed every sample through the still-dense `layer`, calling collect[name](x) with the input x of
+    each named Linear.
+
+    Only inputs are wanted, so each sample's forward stops as soon as the last Linear of the block
+    (in module order, which is execution order in Llama-like blocks: the MLP's down projection) has
+    shown its input: its matmul and what follows would be thrown away.
+    """
     modules = linear_layers(layer)
-    handles = []
-    for name, fn in collect.items():
-        handles.append(modules[name].register_forward_hook(
-            lambda _m, inp, _out, fn=fn: fn(inp[0].detach())))
+    handles = [modules[name].register_forward_pre_hook(lambda _m, args, fn=fn: fn(args[0].detach()))
+               for name, fn in collect.items()]
+    # Registered after the collectors, so it fires after them.
+    handles.append(modules[list(modules)[-1]].register_forward_pre_hook(_stop))
     try:
-        yield
+        with torch.no_grad():
+            for index in range(inputs.hidden.shape[0]):
+                with contextlib.suppress(_Captured):
+                    layer(inputs.hidden[index:index + 1], *inputs.args, **inputs.kwargs)
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def _stop(_module, _args):
+    raise _Captured
 
 
 def _device_of(module: nn.Module) -> torch.device:

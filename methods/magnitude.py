@@ -24,5 +24,5 @@ def prune(model: nn.Module, calib: Optional[torch.Tensor], options: Options, dev
         for module in linears.values():
             weight = module.weight.data
             mask = magnitude_mask(weight.to(device), pattern, exact_count=options.exact_count)
-            weight[mask.to(weight.device)] = 0
+            weight.masked_fill_(mask.to(weight.device), 0)
     return {"pattern": pattern.name}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from methods.anatomy import linear_layers, prunable_linears
-from methods.calibration import LayerInputs, input_hooks, sequential_layers
+from methods.calibration import LayerInputs, gather_inputs, sequential_layers
 from methods.errors import UsageError
 from methods.sparsity import Hessian, SparseOptions, sparsegpt_prune
 
@@ -38,8 +38,7 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
         linears = linear_layers(layer)
         hessians = {name: Hessian(m.in_features, device) for name, m in linears.items()}
-        with input_hooks(layer, {name: h.add for name, h in hessians.items()}), torch.no_grad():
-            inputs.run(layer, store=False)
+        gather_inputs(layer, inputs, {name: h.add for name, h in hessians.items()})
         for name, module in linears.items():
             pruned = sparsegpt_prune(module.weight.data, hessians[name].value, pattern,
                                      blocksize=options.blocksize, percdamp=options.percdamp)

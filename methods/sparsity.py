@@ -131,10 +131,22 @@ def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, pattern: Spars
     scores = wanda_scores(weight, input_sq_norm)
     if pattern.is_nm:
         return nm_mask(scores, pattern.n, pattern.m)
-    k = int(scores.shape[1] * pattern.ratio)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask.scatter_(1, torch.sort(scores, dim=-1, stable=True)[1][:, :k], True)
-    return mask
+    return row_lowest_stable(scores, int(scores.shape[1] * pattern.ratio))
+
+
+def row_lowest_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True for the k lowest scores of each row, ties going to the lower column index.
+
+    Exactly the first k of a stable ascending sort (what the original takes), found by selection:
+    everything below the row's k-th smallest value, then the earliest entries equal to it.
+    """
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < kth
+    ties = scores == kth
+    needed = k - below.sum(dim=1, keepdim=True)
+    return below | (ties & (torch.cumsum(ties, dim=1) <= needed))
 
 
 class InputSquaredNorm:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from methods.anatomy import linear_layers, prunable_linears
-from methods.calibration import LayerInputs, input_hooks, sequential_layers
+from methods.calibration import LayerInputs, gather_inputs, sequential_layers
 from methods.sparsity import InputSquaredNorm, SparseOptions, wanda_mask
 
 Options = SparseOptions
@@ -24,11 +24,10 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
         linears = linear_layers(layer)
         stats = {name: InputSquaredNorm(m.in_features, device) for name, m in linears.items()}
-        with input_hooks(layer, {name: s.add for name, s in stats.items()}), torch.no_grad():
-            inputs.run(layer, store=False)
+        gather_inputs(layer, inputs, {name: s.add for name, s in stats.items()})
         for name, module in linears.items():
             mask = wanda_mask(module.weight.data, stats[name].value, pattern)
-            module.weight.data[mask] = 0
+            module.weight.data.masked_fill_(mask, 0)
         input_norms[str(index)] = {name: s.value.cpu() for name, s in stats.items()}
 
     sequential_layers(model, calib, device, handle_layer)

@@ -23,7 +23,7 @@ def test_replayed_layers_reproduce_the_model_forward():
     # Re-capture and push through all layers by hand: must equal the model's own last hidden state.
     inputs = capture_layer_inputs(model, ids, torch.device("cpu"))
     for layer in model.model.layers:
-        inputs.run(layer, store=True)
+        inputs.advance(layer)
     with torch.no_grad():
         want = model(ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
     torch.testing.assert_close(model.model.norm(inputs.hidden), want, rtol=1e-5, atol=1e-5)

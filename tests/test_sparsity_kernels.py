@@ -126,3 +126,14 @@ def test_kth_smallest_is_the_sorted_threshold(seed):
     values = tied_weights(rows=37, cols=53, seed=seed).abs().flatten() if seed % 2 else torch.randn(1999).abs()
     for k in (0, values.numel() // 2, values.numel() - 1):
         assert torch.equal(kth_smallest(values, k), torch.sort(values)[0][k])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.9])
+def test_row_selection_equals_the_stable_sort(seed, ratio):
+    """Wanda's rows: the first int(in*ratio) entries of a stable sort, here found by selection."""
+    scores = tied_weights(rows=9, cols=40, levels=2 + seed, seed=seed).abs()
+    k = int(scores.shape[1] * ratio)
+    want = torch.zeros_like(scores, dtype=torch.bool)
+    want.scatter_(1, torch.sort(scores, dim=-1, stable=True)[1][:, :k], True)
+    assert torch.equal(wanda_mask(scores, torch.ones(40), SparsityPattern.parse("unstructured", ratio)), want)
