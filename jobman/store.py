@@ -109,6 +109,24 @@ def current_user() -> str:
         return str(os.getuid())
 
 
+def _retry_locked(operation, seconds: float = 60.0):
+    """Run `operation`, retrying while SQLite says the database is locked.
+
+    Two processes opening a fresh database at once both try to switch it to WAL; SQLite answers the
+    loser "database is locked" at once, without waiting on the busy timeout, so we wait ourselves.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        try:
+            return operation()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 class Store:
     """A connection to the job database. Cheap to open; open one per command or process."""
 
@@ -121,11 +139,11 @@ class Store:
         self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA busy_timeout=60000")
-        mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = _retry_locked(lambda: self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
         if str(mode).lower() != "wal":
             raise RuntimeError("could not put %s in WAL mode (got %s)" % (self.path, mode))
         self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.executescript(SCHEMA)  # idempotent; autocommit mode
+        _retry_locked(lambda: self.conn.executescript(SCHEMA))  # idempotent; autocommit mode
         try:
             os.chmod(self.path, 0o600)
         except OSError:
