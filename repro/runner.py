@@ -177,7 +177,7 @@ def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object], 
         "method": recipe.method, "profile": recipe.profile, "row": row,
         "options": options,
         "model": {"id": config["model"], "revision": config.get("revision"),
-                  "resolved_commit": getattr(model.config, "_commit_hash", None),
+                  "resolved_commit": getattr(model.config, "_commit_hash", None) or _smoke_source(config["model"]),
                   "dtype": config.get("dtype", "float32")},
         "calibration": calib_info, "seed": seed, "metrics": metrics, "harness": harness,
         "batch_size": config.get("batch_size", 1), "prune": report, "stages": stages,
@@ -215,6 +215,15 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
             metrics[key] = 100.0 * evaluate.cell_value(scores, task)
         harness["tasks"] = {k: {f: v for f, v in e.items() if f != "metrics"} for k, e in scores.items()}
     return metrics, harness
+
+
+def _smoke_source(model_id: str) -> Optional[str]:
+    """The smoke model has no hub commit: its identity is the sha256 of the GGUF it was converted from."""
+    if model_id != "smoke":
+        return None
+    from repro.smoke_model import MARKER, smoke_model_dir
+
+    return "gguf-sha256:" + read_json(smoke_model_dir() / MARKER)["gguf_sha256"]
 
 
 def _calibration(spec: dict, tokenizer, cache):
