@@ -19,7 +19,7 @@ export LPC_CACHE
 # docker when an engine and the method's image are present, else the local venv.
 RUNTIME ?= auto
 
-.PHONY: help setup test test-tf443 test-jobman test-all test-container smoke bench report diff-committed clean gpu-check
+.PHONY: help setup test test-tf443 test-jobman test-all test-container smoke bench report diff-committed clean
 
 help:
 	@echo "make repro-<method> PROFILE=smoke|paper [RUNTIME=local|docker]   methods: $(METHODS)"
@@ -75,15 +75,20 @@ test-container: setup
 # ---- reproduction ---------------------------------------------------------------------------
 include docker/images.mk
 
-# repro-<m>: refuse PROFILE=paper without a GPU, then run in the method's image or the local venv.
+# repro-<m>: refuse PROFILE=paper without a GPU (at once, before any set-up), then run in the
+# method's image or the local venv.
 .SECONDEXPANSION:
 runtime_of = $(if $(filter auto,$(RUNTIME)),$(if $(call image_ready,$(1)),docker,local),$(RUNTIME))
-repro-%: gpu-check $$(if $$(filter docker,$$(call runtime_of,$$*)),container-repro-$$*,local-repro-$$*)
-	@:
+ifeq ($(PROFILE),paper)
+ifneq ($(filter repro-%,$(MAKECMDGOALS)),)
+ifneq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+$(error PROFILE=paper needs a CUDA GPU and none was found; on this machine run with PROFILE=smoke)
+endif
+endif
+endif
 
-gpu-check:
-	@if [ "$(PROFILE)" = paper ] && ! nvidia-smi -L >/dev/null 2>&1; then \
-	  echo "make: PROFILE=paper needs a CUDA GPU and none was found; on this machine run with PROFILE=smoke" >&2; exit 2; fi
+repro-%: $$(if $$(filter docker,$$(call runtime_of,$$*)),container-repro-$$*,local-repro-$$*)
+	@:
 
 local-repro-%: setup
 	$(VENV)/bin/lpc repro $* --profile $(PROFILE) --results-dir $(RESULTS)

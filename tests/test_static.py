@@ -54,3 +54,12 @@ def test_make_dry_run_resolves(target):
     proc = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "No rule to make target" not in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_paper_profile_without_a_gpu_stops_at_once_naming_smoke():
+    proc = subprocess.run(["make", "repro-wanda", "PROFILE=paper"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "PROFILE=smoke" in proc.stderr, proc.stderr
+    assert proc.stdout == ""  # nothing was set up or run
