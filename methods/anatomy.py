@@ -5,8 +5,7 @@ architecture with the same parts (Mistral, Qwen2, ...) is a change here, not in 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch import nn
@@ -15,26 +14,6 @@ from methods.errors import UsageError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Widths of a (possibly non-uniform) Llama-like model, read from its config."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-
-    @classmethod
-    def of(cls, config) -> "Shape":
-        heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, config.hidden_size, heads, kv, head_dim,
-                   config.intermediate_size)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -114,6 +93,3 @@ def overall_sparsity(model: nn.Module) -> float:
         total += module.weight.numel()
     return zeros / total if total else 0.0
 
-
-def layer_names(model: nn.Module) -> List[str]:
-    return list(prunable_linears(model))

@@ -64,7 +64,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 import torch

@@ -22,8 +22,6 @@ import os
 import re
 import shlex
 import subprocess
-import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from jobman.accelerators import parse_accelerator
