@@ -98,7 +98,7 @@ def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[st
             log(f"[{method}/{profile}] {row}: same dense model and protocol as {shared}, reused")
         else:
             log(f"[{method}/{profile}] {row}: running")
-            result = run_row(recipe, table, row, cache, log)
+            result = run_row(recipe, table, row, cache)
             result["fingerprint"] = fingerprint
             write_json_atomic(path, result)
             log(f"[{method}/{profile}] {row}: {json.dumps(result['metrics'])}")
@@ -148,7 +148,7 @@ def _check_dense(table: Profile, result: dict, log) -> None:
     log(f"dense gate: {len(cells)} cells within tolerance")
 
 
-def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object], log) -> dict:
+def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object]) -> dict:
     config = recipe.config
     options = dict(recipe.rows[row])
     seed = int(config.get("calibration", {}).get("seed", 0))
