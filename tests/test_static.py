@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import os
 import shutil
 import subprocess
 
@@ -49,17 +50,22 @@ def test_every_module_defers_annotations():
     assert not missing
 
 
+def _make(*args):
+    """make as a user runs it: not as a sub-make of `make test` (whose MAKEFLAGS would leak in)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
 @pytest.mark.parametrize("target", PUBLIC_TARGETS)
 def test_make_dry_run_resolves(target):
-    proc = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = _make("-n", target)
     assert proc.returncode == 0, proc.stderr
     assert "No rule to make target" not in proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
 def test_paper_profile_without_a_gpu_stops_at_once_naming_smoke():
-    proc = subprocess.run(["make", "repro-wanda", "PROFILE=paper"], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
+    proc = _make("repro-wanda", "PROFILE=paper")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "PROFILE=smoke" in proc.stderr, proc.stderr
     assert proc.stdout == ""  # nothing was set up or run
