@@ -1,14 +1,13 @@
 """Golden equivalence with the original Wanda repository (locuslab/wanda @ 8e8fc87).
 
-Every `wanda_repo__<model>__<method>__<type>.npz` in the golden folder is replayed: same model,
-same calibration rows, same settings (nsamples 16, seqlen 64, ratio 0.5). Magnitude and Wanda must
+Every run of the Wanda-repo manifests in the golden folder is replayed: same model, same
+calibration rows, same settings (those shipped: nsamples 16, seqlen 64, ratio 0.5). Magnitude and Wanda must
 give the original's masks exactly; SparseGPT is chaotic under float reordering, so it gets the
 agreement bands of the issue. Perplexity uses the fixtures' formula.
 """
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -18,34 +17,37 @@ import methods
 from repro.evaluate import perplexity_rows
 from tests.conftest import GOLDEN, golden_path
 
-RUN = re.compile(r"wanda_repo__(?P<model>[^_]+(?:-[^_]+)*)__(?P<method>magnitude|wanda|sparsegpt)__(?P<type>\w+)\.npz")
-TYPES = {"unstructured": "unstructured", "2of4": "2:4", "4of8": "4:8"}
-
 
 def _runs():
-    found = sorted(p.name for p in (GOLDEN / "expected").glob("wanda_repo__*.npz"))
-    return [RUN.fullmatch(name).groupdict() | {"file": name} for name in found if RUN.fullmatch(name)]
+    """Every run the Wanda-repo manifests describe (driven by the manifests, not by file names, so
+    fixtures for other models and ratios are replayed the same way)."""
+    runs = []
+    for manifest in sorted((GOLDEN / "expected").glob("wanda_repo_manifest*.json")):
+        for name, run in json.loads(manifest.read_text())["runs"].items():
+            npz = [f for f in run["files"] if f.endswith(".npz")]
+            runs.append(dict(run, name=name, file=npz[0]))
+    return runs
 
 
 @pytest.fixture(scope="module")
 def data():
     calib = torch.from_numpy(np.load(golden_path("calib.npy")))
     evaluation = torch.from_numpy(np.load(golden_path("eval.npy")))
-    manifest = json.loads(golden_path("expected", "wanda_repo_manifest.json").read_text())
-    return calib, evaluation, manifest
+    return calib, evaluation
 
 
-@pytest.mark.parametrize("run", _runs(), ids=lambda r: r["file"][len("wanda_repo__"):-4])
+@pytest.mark.parametrize("run", _runs(), ids=lambda r: r["name"][len("wanda_repo__"):])
 def test_matches_original(run, data):
     from transformers import LlamaForCausalLM
 
-    calib, evaluation, manifest = data
-    settings = manifest["runs"][run["file"][:-4]]
+    calib, evaluation = data
     model = LlamaForCausalLM.from_pretrained(str(golden_path(run["model"])), torch_dtype=torch.float32)
-    sparsity_type = TYPES[run["type"]]
-    methods.prune(model, run["method"], calib[: settings["nsamples"], : settings["seqlen"]], device="cpu",
-                  sparsity_ratio=settings["sparsity_ratio"] if sparsity_type == "unstructured" else None,
-                  sparsity_type=sparsity_type)
+    options = {"sparsity_type": f"{run['prune_n']}:{run['prune_m']}" if run["prune_m"] else "unstructured"}
+    if not run["prune_m"]:
+        options["sparsity_ratio"] = run["sparsity_ratio"]
+    if run["method"] == "sparsegpt":
+        options.update(blocksize=run.get("sparsegpt_blocksize") or 128, percdamp=run.get("sparsegpt_percdamp") or 0.01)
+    methods.prune(model, run["method"], calib[: run["nsamples"], : run["seqlen"]], device="cpu", **options)
     expected = np.load(golden_path("expected", run["file"]))
     agreement = {}
     for name, module in model.named_modules():
