@@ -101,7 +101,8 @@ diff-committed: $(VENV)/.stamp
 	$(VENV)/bin/lpc diff --all --results-dir results/reference
 
 report: $(VENV)/.stamp
-	$(VENV)/bin/lpc diff --all --results-dir $(RESULTS) | tee $(RESULTS)/report.md
+	@mkdir -p $(RESULTS)
+	set -o pipefail; $(VENV)/bin/lpc diff --all --results-dir $(RESULTS) | tee $(RESULTS)/report.md
 
 bench: setup
 	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json

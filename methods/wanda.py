@@ -5,8 +5,6 @@ still-dense layer; across layers the process is sequential (layer i+1 sees the p
 """
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 from torch import nn
 
@@ -19,7 +17,6 @@ Options = SparseOptions
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
     pattern = options.checked_pattern(prunable_linears(model))
-    input_norms: Dict[str, Dict[str, torch.Tensor]] = {}
 
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
         linears = linear_layers(layer)
@@ -28,7 +25,6 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
         for name, module in linears.items():
             mask = wanda_mask(module.weight.data, stats[name].value, pattern)
             module.weight.data.masked_fill_(mask, 0)
-        input_norms[str(index)] = {name: s.value.cpu() for name, s in stats.items()}
 
     sequential_layers(model, calib, device, handle_layer)
-    return {"pattern": pattern.name, "tensors": {"input_sq_norm": input_norms}}
+    return {"pattern": pattern.name}

@@ -79,17 +79,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cmd_prune(args) -> int:
-    import random
-
-    import numpy as np
-    import torch
-
     import methods
     from repro import data
     from repro.evaluate import model_seqlen
     from repro.models import load_model, save_checkpoint
     from repro.provenance import provenance
     from repro.results import write_json_atomic
+    from repro.runner import seed_everything
 
     method = methods.get(args.method)
     options = {k: v for k, v in {
@@ -101,14 +97,12 @@ def cmd_prune(args) -> int:
         raise UsageError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
     if method.needs_calibration and not args.calib:
         raise UsageError(f"method {args.method!r} needs --calib")
-    if args.calib and Path(args.calib).suffix in (".pt", ".npy"):
+    if args.calib and Path(args.calib).suffix in data.TOKEN_FILE_SUFFIXES:
         tokens = data.load_token_file(args.calib)  # validate the file before loading the model
     else:
         tokens = None
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     timings = {}
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, revision=args.revision)
@@ -130,7 +124,6 @@ def cmd_prune(args) -> int:
         calib_info = {"spec": args.calib, "shape": list(calib.shape), "seed": args.seed}
 
     report = methods.prune(model, args.method, calib, device=args.device, **options)
-    report.pop("tensors", None)
     timings["prune"] = report.pop("seconds")
     start = time.perf_counter()
     save_checkpoint(model, tokenizer, args.out)

@@ -81,10 +81,10 @@ def diff_cells(profile: Profile, results: Dict[str, dict]) -> List[CellDiff]:
 
 
 def _explain(kind: str, delta: float, tol: float, override: Optional[dict]) -> str:
-    unit = "points" if kind == "accuracy" else ""
+    unit = " points" if kind == "accuracy" else ""
     rule = ("override: " + override["reason"]) if override else (
         "2 binomial std errors of the split" if kind == "accuracy" else "relative perplexity band")
-    return f"|delta| {abs(delta):.3g} {unit} > {tol:.3g} ({rule})".replace("  ", " ")
+    return f"|delta| {abs(delta):.3g}{unit} > {tol:.3g} ({rule})"
 
 
 def _lookup(root: Path, profile: str, ref: dict, default_method: str) -> Tuple[Optional[float], str]:

@@ -152,7 +152,7 @@ def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object]) 
     config = recipe.config
     options = dict(recipe.rows[row])
     seed = int(config.get("calibration", {}).get("seed", 0))
-    _seed_everything(seed)
+    seed_everything(seed)
     stages: Dict[str, dict] = {}
     with _stage("load", stages):
         model, tokenizer = load_model(config["model"], dtype=config.get("dtype", "float32"),
@@ -169,7 +169,6 @@ def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object]) 
                           "sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()}
         with _stage("prune", stages):
             report = methods.prune(model, recipe.method, calib, device=config.get("device"), **options)
-        report.pop("tensors", None)
     model.to(config.get("device", "cpu"))
     with _stage("evaluate", stages):
         metrics, harness = evaluate_metrics(model, tokenizer, table, config, cache)
@@ -241,7 +240,8 @@ def _cached(cache: Dict[object, object], key, make):
     return cache[key]
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """The seeds the original entry points set: Python's, numpy's and torch's."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
