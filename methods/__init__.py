@@ -9,6 +9,7 @@ whose fields are the method's validated options.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -16,28 +17,42 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from methods import magnitude, sparsegpt, wanda
 from methods.anatomy import check_llama_like, compute_device, overall_sparsity, sparsity_by_module
 from methods.errors import UsageError
 
 # Names the architecture reserves for methods that later work adds.
-PLANNED = ("wanda-sp", "flap", "llm-pruner", "shortgpt", "minitron-depth", "minitron-width",
-           "shortened", "sheared")
+PLANNED = ("sheared",)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    options_type: type
-    run: Callable[..., dict]
+    module: str                  # methods.<module> holds `Options` and `prune(model, calib, options, device)`
     needs_calibration: bool
-    family: str          # which pinned image reproduces it (docker/<family>/)
+    family: str                  # which pinned image reproduces it (docker/<family>/)
+    structured: bool = True      # removes units (then the config is re-synced) rather than zeroing weights
+    needs_tokenizer: bool = False  # scores with lm-eval tasks, so prune() gets the tokenizer too
+
+    @property
+    def options_type(self) -> type:
+        return importlib.import_module(f"methods.{self.module}").Options
+
+    @property
+    def run(self) -> Callable[..., dict]:
+        return importlib.import_module(f"methods.{self.module}").prune
 
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (
-    Method("magnitude", magnitude.Options, magnitude.prune, needs_calibration=False, family="sparse"),
-    Method("wanda", wanda.Options, wanda.prune, needs_calibration=True, family="sparse"),
-    Method("sparsegpt", sparsegpt.Options, sparsegpt.prune, needs_calibration=True, family="sparse"),
+    Method("magnitude", "magnitude", needs_calibration=False, family="sparse", structured=False),
+    Method("wanda", "wanda", needs_calibration=True, family="sparse", structured=False),
+    Method("sparsegpt", "sparsegpt", needs_calibration=True, family="sparse", structured=False),
+    Method("wanda-sp", "wanda_sp", needs_calibration=True, family="width"),
+    Method("flap", "flap", needs_calibration=True, family="width"),
+    Method("llm-pruner", "llm_pruner", needs_calibration=True, family="width"),
+    Method("minitron-width", "minitron_width", needs_calibration=True, family="minitron"),
+    Method("minitron-depth", "minitron_depth", needs_calibration=True, family="minitron", needs_tokenizer=True),
+    Method("shortgpt", "shortgpt", needs_calibration=True, family="minitron"),
+    Method("shortened", "shortened", needs_calibration=True, family="shortened"),
 )}
 
 
@@ -55,15 +70,27 @@ def make_options(method: Method, values: Dict[str, Any]):
     unknown = sorted(set(values) - fields)
     if unknown:
         raise UsageError(f"method {method.name!r} takes no option {', '.join(unknown)}")
-    options = method.options_type(**values)
+    try:
+        options = method.options_type(**values)
+    except TypeError as exc:  # a required option is missing
+        raise UsageError(f"method {method.name!r}: {exc}".replace("__init__() ", "")) from None
     if hasattr(options, "pattern"):
         options.pattern()  # options validate themselves when their pattern is built
+    if hasattr(options, "validate"):
+        options.validate()
     return options
 
 
 def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
-          device: Optional[str] = None, **options: Any) -> dict:
-    """Prune `model` in place with method `name`; return the report that goes into prune.json."""
+          device: Optional[str] = None, tokenizer: Any = None, **options: Any) -> dict:
+    """Prune `model` in place with method `name`; return the report that goes into prune.json.
+
+    Structured methods report, per dense layer, the kept unit indices (`layers[i].heads_kept`,
+    `kv_heads_kept`, `mlp_channels_kept`), `hidden_kept`, `layers_removed` and the `scores` they
+    ranked; the model's config is re-synced to the pruned shapes (methods/surgery.py).
+    """
+    from methods import surgery
+
     method = get(name)
     opts = make_options(method, options)
     check_llama_like(model)
@@ -71,17 +98,23 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
         _check_calibration(calib, model)
     compute = compute_device(device)
     model.eval()
+    dense_parameters = surgery.count_parameters(model)
+    extra = {"tokenizer": tokenizer} if method.needs_tokenizer else {}
     start = time.perf_counter()
-    report = method.run(model, None if calib is None else calib.long(), opts, compute)
+    report = method.run(model, None if calib is None else calib.long(), opts, compute, **extra)
     seconds = time.perf_counter() - start
-    report.update({
-        "method": name,
-        "options": dataclasses.asdict(opts),
-        "device": str(compute),
-        "sparsity": sparsity_by_module(model),
-        "overall_sparsity": overall_sparsity(model),
-        "seconds": seconds,
-    })
+    report.update({"method": name, "options": dataclasses.asdict(opts), "device": str(compute)})
+    if method.structured:
+        surgery.sync_config(model)
+        pruned = surgery.count_parameters(model)
+        report["parameters"] = {"dense": dense_parameters, "pruned": pruned,
+                                "removed_fraction": 1 - pruned / dense_parameters}
+        report["widths"] = [{k: v for k, v in w.items() if not k.endswith("_bias")}
+                            for w in surgery.layer_widths(model)]
+    else:
+        report["sparsity"] = sparsity_by_module(model)
+        report["overall_sparsity"] = overall_sparsity(model)
+    report["seconds"] = seconds
     return report
 
 

@@ -33,10 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", required=True)
     prune.add_argument("--sparsity-ratio", type=float)
     prune.add_argument("--sparsity-type", default="unstructured", help="unstructured or N:M (e.g. 2:4)")
-    prune.add_argument("--exact-count", action="store_true",
+    prune.add_argument("--exact-count", action="store_true", default=None,
                        help="magnitude: prune exactly int(ratio*numel) instead of the original's threshold rule")
     prune.add_argument("--blocksize", type=int, help="sparsegpt column block (default 128)")
     prune.add_argument("--percdamp", type=float, help="sparsegpt dampening fraction (default 0.01)")
+    width = prune.add_argument_group("structured methods (wanda-sp, flap, llm-pruner, minitron-*, shortgpt, shortened)")
+    width.add_argument("--pruning-ratio", type=float, help="wanda-sp, flap, llm-pruner: fraction of units to remove")
+    width.add_argument("--metrics", help="flap: WIFV | IFV | WIFN")
+    width.add_argument("--structure", help="flap: AL-AM | UL-UM")
+    width.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false", default=None,
+                       help="flap: do not add the removed channels' mean contribution as a bias")
+    width.add_argument("--importance", help="llm-pruner: element1 | element2 | vector | l2 | random")
+    width.add_argument("--layers", help="llm-pruner: START:END, the decoder layers to prune (end exclusive)")
+    width.add_argument("--mode", help="llm-pruner: block | channel")
+    width.add_argument("--hidden-size", type=int, help="minitron-width: target hidden size")
+    width.add_argument("--ffn-hidden-size", type=int, help="minitron-width: target MLP size per layer")
+    width.add_argument("--aggregation", help="minitron-width: collection | nvidia")
+    width.add_argument("--remove-layers", type=int, help="shortgpt, minitron-depth, shortened: layers to remove")
+    width.add_argument("--score", help="minitron-depth: ppl | <lm-eval task>")
+    width.add_argument("--num-fewshot", type=int, help="minitron-depth: shots of the scoring task")
+    width.add_argument("--select", help="minitron-depth: closest | best")
+    width.add_argument("--criterion", help="shortened: ppl | taylor")
+    width.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other option of the method (YAML value), e.g. --option head_weight=literal")
     prune.add_argument("--calib", help="c4 | wikitext2 | bookcorpus | text file or dir | token ids (.pt/.npy)")
     prune.add_argument("--nsamples", type=int, help="default: 128, or the rows of a token file")
     prune.add_argument("--seqlen", type=int, help="default: the model context (max 8192), or a token file's width")
@@ -88,10 +107,7 @@ def cmd_prune(args) -> int:
     from repro.runner import seed_everything
 
     method = methods.get(args.method)
-    options = {k: v for k, v in {
-        "sparsity_ratio": args.sparsity_ratio, "sparsity_type": args.sparsity_type,
-        "exact_count": args.exact_count or None, "blocksize": args.blocksize, "percdamp": args.percdamp,
-    }.items() if v is not None}
+    options = _method_options(args, method)
     methods.make_options(method, options)  # validate before any slow loading
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise UsageError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
@@ -132,8 +148,34 @@ def cmd_prune(args) -> int:
         **report, "model": args.model, "revision": args.revision, "dtype": args.dtype,
         "calibration": calib_info, "seed": args.seed, "timings_seconds": timings, **provenance(),
     })
-    print(f"pruned {args.model} with {args.method}: overall sparsity {report['overall_sparsity']:.4f} -> {args.out}")
+    if "parameters" in report:
+        summary = "{pruned:,} of {dense:,} parameters kept".format(**report["parameters"])
+    else:
+        summary = f"overall sparsity {report['overall_sparsity']:.4f}"
+    print(f"pruned {args.model} with {args.method}: {summary} -> {args.out}")
     return 0
+
+
+# Flags of `lpc prune` that are method options, by option name.
+OPTION_FLAGS = ("sparsity_ratio", "exact_count", "blocksize", "percdamp", "pruning_ratio", "metrics",
+                "structure", "bias_compensation", "importance", "layers", "mode", "hidden_size",
+                "ffn_hidden_size", "aggregation", "remove_layers", "score", "num_fewshot", "select", "criterion")
+
+
+def _method_options(args, method) -> dict:
+    import yaml
+
+    options = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
+    if not method.structured:  # the sparse methods' pattern flag has a default
+        options["sparsity_type"] = args.sparsity_type
+    elif args.sparsity_type != "unstructured":
+        options["sparsity_type"] = args.sparsity_type
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    return options
 
 
 def cmd_repro(args) -> int:

@@ -151,6 +151,7 @@ def _check_dense(table: Profile, result: dict, log) -> None:
 def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object]) -> dict:
     config = recipe.config
     options = dict(recipe.rows[row])
+    recover = options.pop("recover", None)   # recovery training after pruning (recipe `recovery:`)
     seed = int(config.get("calibration", {}).get("seed", 0))
     seed_everything(seed)
     stages: Dict[str, dict] = {}
@@ -168,8 +169,16 @@ def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object]) 
             calib_info = {**config["calibration"], "shape": list(calib.shape),
                           "sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()}
         with _stage("prune", stages):
-            report = methods.prune(model, recipe.method, calib, device=config.get("device"), **options)
+            report = methods.prune(model, recipe.method, calib, device=config.get("device"),
+                                   tokenizer=tokenizer, **options)
     model.to(config.get("device", "cpu"))
+    recovery = None
+    if recover:
+        from training import recover as run_recovery
+
+        spec = {**config.get("recovery", {}), **(recover if isinstance(recover, dict) else {})}
+        with _stage("recover", stages):
+            recovery = run_recovery(model, tokenizer, spec, device=config.get("device", "cpu"), seed=seed)
     with _stage("evaluate", stages):
         metrics, harness = evaluate_metrics(model, tokenizer, table, config, cache)
     return {
@@ -179,7 +188,7 @@ def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object]) 
                   "resolved_commit": getattr(model.config, "_commit_hash", None) or _smoke_source(config["model"]),
                   "dtype": config.get("dtype", "float32")},
         "calibration": calib_info, "seed": seed, "metrics": metrics, "harness": harness,
-        "batch_size": config.get("batch_size", 1), "prune": report, "stages": stages,
+        "batch_size": config.get("batch_size", 1), "prune": report, "recovery": recovery, "stages": stages,
         "provenance": provenance(),
     }
 
@@ -192,7 +201,9 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
     tasks = []
     for key, metric in table.metrics.items():
         spec = metric.spec
-        if metric.kind == "perplexity":
+        if metric.kind == "structure":
+            metrics[key] = structure_value(model, spec["field"])
+        elif metric.kind == "perplexity":
             tokens = _cached(cache, ("eval", spec["data"]),
                              lambda: data.eval_tokens(spec["data"], tokenizer=tokenizer))
             if "max_windows" in spec:  # smoke: a fixed prefix of the stream keeps CPU runs short
@@ -214,6 +225,26 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
             metrics[key] = 100.0 * evaluate.cell_value(scores, task)
         harness["tasks"] = {k: {f: v for f, v in e.items() if f != "metrics"} for k, e in scores.items()}
     return metrics, harness
+
+
+def structure_value(model, field: str) -> float:
+    """A shape or parameter count of the (pruned) model, as a table's `structure` metric reads it."""
+    from methods import surgery
+
+    if field == "parameters":
+        return float(surgery.count_parameters(model))
+    if field == "non_embedding_parameters":
+        embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None for p in m.parameters()}
+        return float(sum(p.numel() for p in model.parameters() if id(p) not in embeddings))
+    widths = surgery.layer_widths(model)
+    per_layer = {"intermediate_size": "intermediate", "num_attention_heads": "heads",
+                 "num_key_value_heads": "kv_heads"}
+    if field in per_layer:  # the mean over layers: equal to the config value when widths are uniform
+        return sum(w[per_layer[field]] for w in widths) / len(widths)
+    if field == "num_hidden_layers":
+        return float(len(widths))
+    return float(model.get_input_embeddings().weight.shape[1])  # hidden_size
 
 
 def _smoke_source(model_id: str) -> Optional[str]:

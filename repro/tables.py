@@ -16,14 +16,18 @@ from methods.errors import UsageError
 from repro.tolerance import PPL_REL_DEFAULT
 
 TABLES = Path(__file__).resolve().parent / "tables"
-KINDS = ("accuracy", "perplexity")
+KINDS = ("accuracy", "perplexity", "structure")
+# What a `structure` metric reads off the pruned model (repro.runner.structure_value).
+STRUCTURE_FIELDS = ("parameters", "non_embedding_parameters", "hidden_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 
 
 @dataclass(frozen=True)
 class Metric:
     key: str
-    kind: str                     # accuracy (percent) | perplexity
-    spec: dict                    # accuracy: task, metric, shots, n[, split]; perplexity: data, protocol, seqlen
+    kind: str                     # accuracy (percent) | perplexity | structure (a count, exact by default)
+    spec: dict                    # accuracy: task, metric, shots, n[, split]; perplexity: data, protocol, seqlen;
+                                  # structure: field[, rel]
 
     @property
     def n(self) -> Optional[int]:
@@ -86,6 +90,8 @@ def _parse_profile(name: str, raw: dict, path: Path) -> Profile:
             missing = [k for k in ("task", "metric", "shots", "n") if k not in spec]
             if missing:
                 raise UsageError(f"{where}: accuracy metric {key!r} lacks {', '.join(missing)}")
+        if kind == "structure" and spec.get("field") not in STRUCTURE_FIELDS:
+            raise UsageError(f"{where}: structure metric {key!r} needs field, one of {STRUCTURE_FIELDS}")
         metrics[key] = Metric(key, kind, spec)
     rows: Dict[str, Dict[str, Cell]] = {}
     for row, cells in (raw.get("rows") or {}).items():

@@ -8,6 +8,7 @@ Written once, applied to every table:
   paper evaluated (stored with each metric in the table), p is the reference value.
 * Perplexity: a relative band, because perplexity is a ratio scale: the profile's `ppl_rel`
   (PPL_REL_DEFAULT unless the table's profile sets it).
+* Structure (parameter counts, hidden size, layers): exact; pruning is deterministic arithmetic.
 * Overrides: a table may widen or narrow the band for chosen rows/metrics, and every override must
   carry its reason (for example SparseGPT's sensitivity to floating-point reordering).
 """
@@ -40,6 +41,8 @@ def band(kind: str, reference: float, *, n: Optional[int] = None, ppl_rel: float
         return float(override["abs"])
     if kind == "perplexity":
         return perplexity_band(reference, float(override.get("rel", ppl_rel)))
+    if kind == "structure":  # shapes and parameter counts are exact unless the metric says otherwise
+        return abs(reference) * float(override.get("rel", 0.0))
     if kind == "accuracy":
         if "rel" in override:
             return abs(reference) * float(override["rel"])

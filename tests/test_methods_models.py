@@ -72,7 +72,7 @@ def test_wanda_uses_activations_so_its_masks_differ_from_magnitude():
 
 @pytest.mark.parametrize("call,message", [
     (lambda m: methods.prune(m, "nope", None, sparsity_ratio=0.5), "unknown method"),
-    (lambda m: methods.prune(m, "flap", None), "not implemented"),
+    (lambda m: methods.prune(m, "sheared", None), "not implemented"),
     (lambda m: methods.prune(m, "wanda", None, sparsity_ratio=0.5), "needs calibration"),
     (lambda m: methods.prune(m, "wanda", torch.zeros(2, 3, 4, dtype=torch.long), sparsity_ratio=0.5), "2-D"),
     (lambda m: methods.prune(m, "wanda", torch.zeros(2, 8), sparsity_ratio=0.5), "integers"),
