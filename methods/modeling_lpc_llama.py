@@ -35,7 +35,15 @@ class LpcLlamaConfig(LlamaConfig):
                  layer_intermediate_size: Optional[List[int]] = None,
                  o_proj_bias: bool = False, down_proj_bias: bool = False,
                  head_dim: Optional[int] = None, **kwargs):
-        super().__init__(**kwargs)
+        if head_dim:
+            kwargs["head_dim"] = head_dim
+        # Transformers 5.x validates hidden_size % num_attention_heads == 0 inside the constructor.
+        # With an explicit head_dim and per-layer head counts that relation does not hold for pruned
+        # models and nothing relies on it, so the check sees one head and the real count is set after.
+        heads = kwargs.pop("num_attention_heads", None)
+        super().__init__(num_attention_heads=1 if head_dim else heads or 32, **kwargs)
+        if head_dim:
+            self.num_attention_heads = heads or 32
         layers = self.num_hidden_layers
         self.head_dim = head_dim or self.hidden_size // self.num_attention_heads
         self.layer_num_attention_heads = list(layer_num_attention_heads or [self.num_attention_heads] * layers)
@@ -46,6 +54,14 @@ class LpcLlamaConfig(LlamaConfig):
         for name in ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size"):
             if len(getattr(self, name)) != layers:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {layers} layers")
+
+
+    def validate(self):
+        """Transformers 5.x's config checks (run on save), minus hidden_size % num_attention_heads:
+        see __init__. Older versions have no such checks and never call this."""
+        for check in getattr(type(self), "__class_validators__", ()):
+            if check.__name__ != "validate_architecture":
+                check(self)
 
 
 def set_attention_width(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:

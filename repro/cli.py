@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--all", action="store_true", help="every method and profile that has results")
     diff.add_argument("--profile", default="smoke")
     diff.add_argument("--results-dir", type=Path, default=Path("results/local"))
+    diff.add_argument("--no-plots", action="store_true",
+                      help="compare the figures but write no PNG (default: <results>/<profile>/<method>/figures/)")
     return parser
 
 
@@ -139,7 +141,7 @@ def cmd_prune(args) -> int:
         timings["calibration"] = time.perf_counter() - start
         calib_info = {"spec": args.calib, "shape": list(calib.shape), "seed": args.seed}
 
-    report = methods.prune(model, args.method, calib, device=args.device, **options)
+    report = methods.prune(model, args.method, calib, device=args.device, tokenizer=tokenizer, **options)
     timings["prune"] = report.pop("seconds")
     start = time.perf_counter()
     save_checkpoint(model, tokenizer, args.out)
@@ -193,7 +195,8 @@ def cmd_repro(args) -> int:
 
 def cmd_diff(args) -> int:
     from repro import diff as differ
-    from repro.tables import available_methods, load_profile
+    from repro.figures import report_figures
+    from repro.tables import available_methods, load_profile, table_path
 
     if args.all == bool(args.method):
         raise UsageError("give a method or --all (not both)")
@@ -213,6 +216,7 @@ def cmd_diff(args) -> int:
         claims = differ.diff_claims(table, args.results_dir, method)
         print(differ.render(method, table, cells, claims) + "\n")
         failed |= differ.failed(cells, claims)
+        failed |= report_figures(method, profile, args.results_dir, table_path(method), plots=not args.no_plots)
     return 1 if failed else 0
 
 

@@ -84,7 +84,8 @@ def _load_tokenizer(path: str, revision: Optional[str]):
     for fast in (False, True):
         try:
             return AutoTokenizer.from_pretrained(path, revision=revision, use_fast=fast)
-        except (OSError, ValueError, TypeError, ImportError):
+        # KeyError: transformers 4.43's tokenizer lookup by config class for a checkpoint without one.
+        except (OSError, ValueError, TypeError, ImportError, KeyError):
             continue
     return None
 

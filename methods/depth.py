@@ -1,0 +1,164 @@
+"""What the depth methods (ShortGPT, Minitron-depth) and Minitron-width share.
+
+* Whole-model passes over the calibration rows, one row per forward (batch 1), as the originals score.
+* Hooks that see each decoder layer's input and output hidden states under every transformers
+  version: before 4.48 a layer gets ``hidden_states`` positionally and returns a tuple, later
+  versions may pass it by keyword and return the tensor itself. Indexing ``[0]`` on a bare tensor
+  would silently take the first batch element (spec B 7.2 item 12), so the hooks look at the type.
+* ``layers_skipped``: the model with some decoder layers left out, temporarily and without copying
+  a weight, the way Minitron's block scan scores a candidate (spec B 1.4).
+* The Minitron perplexity scorer (spec B 1.2), exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.anatomy import decoder_layers
+from methods.surgery import PER_LAYER_CONFIG
+
+LayerIO = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer was called with."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def layer_output(output) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tuple before transformers 4.48)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def watch_layers(model: nn.Module, on_layer: LayerIO) -> Iterator[None]:
+    """Call on_layer(index, input, output) after every decoder layer's forward while inside."""
+    handles = []
+    for index, layer in enumerate(decoder_layers(model)):
+        def hook(_module, args, kwargs, output, index=index):
+            on_layer(index, layer_input(args, kwargs), layer_output(output))
+
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The whole model on `device` while inside, back where it was afterwards.
+
+    These methods score with full forward passes (the originals run the model whole), so the model
+    visits the compute device as one piece rather than layer by layer.
+    """
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def run_rows(model: nn.Module, calib: torch.Tensor) -> None:
+    """One forward of the decoder stack per calibration row (batch 1), for hooks to watch.
+
+    The base model is enough: no method here looks at logits while gathering statistics, and
+    Llama-3's 128k-entry lm_head would be the largest tensor of the pass.
+    """
+    device = input_device(model)
+    with torch.no_grad():
+        for row in calib:
+            model.model(input_ids=row.reshape(1, -1).to(device), use_cache=False)
+
+
+def calib_perplexity(model: nn.Module, calib: torch.Tensor) -> float:
+    """The Minitron scorer's perplexity (spec B 1.2): every calibration row is one window.
+
+    Per window, the mean cross-entropy of its seq_len-1 next-token predictions, weighted by seq_len
+    (not seq_len-1); ppl = exp(sum(loss * seq_len) / sum(seq_len)). Like the collection, the sum is
+    a Python float and the exponential is taken of a float32 tensor, so the score has float32
+    precision (it decides `closest` comparisons, so the rounding is kept). Logits are cast to
+    float32 (transformers 4.43 did that inside the model; 5.x does not).
+    """
+    device = input_device(model)
+    seq_len = calib.shape[1]
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for row in calib:
+                ids = row.reshape(1, -1).to(device=device, dtype=torch.long)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                total += loss.item() * seq_len
+                tokens += seq_len
+    finally:
+        model.train(was_training)
+    return torch.exp(torch.tensor(total / tokens)).item()
+
+
+@contextlib.contextmanager
+def layers_skipped(model: nn.Module, skip: Sequence[int]) -> Iterator[None]:
+    """The model without the decoder layers `skip` while inside; nothing is copied or freed.
+
+    The remaining layers are renumbered (layer_idx, config.num_hidden_layers and per-layer config
+    lists) for the duration, so a KV cache built during scoring (lm-eval may build one) sees a
+    contiguous stack; everything is put back on exit.
+    """
+    base = model.model
+    layers = decoder_layers(model)
+    total = len(layers)
+    drop = set(int(i) for i in skip)
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    config = model.config
+    saved_config = {name: getattr(config, name) for name in ("num_hidden_layers",) + PER_LAYER_CONFIG
+                    if hasattr(config, name)}
+    saved_idx = [(module, module.layer_idx) for layer in layers for module in (layer, layer.self_attn)
+                 if hasattr(module, "layer_idx")]
+    base.layers = nn.ModuleList(kept)
+    try:
+        for new_index, layer in enumerate(kept):
+            for module in (layer, layer.self_attn):
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index
+        for name, values in saved_config.items():
+            if isinstance(values, (list, tuple)) and len(values) == total:
+                setattr(config, name, [v for i, v in enumerate(values) if i not in drop])
+        config.num_hidden_layers = len(kept)
+        yield
+    finally:
+        base.layers = layers
+        for module, index in saved_idx:
+            module.layer_idx = index
+        for name, value in saved_config.items():
+            setattr(config, name, value)
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine over the hidden dimension, no epsilon: a zero vector gives NaN (callers
+    decide what NaN means, as the originals do)."""
+    x = x.reshape(-1, x.shape[-1])
+    y = y.reshape(-1, y.shape[-1])
+    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+
+
+
+def check_removable(model: nn.Module, count: int) -> int:
+    """The model's depth, after refusing to remove all of it (before any scoring is spent)."""
+    from methods.errors import UsageError
+
+    total = len(decoder_layers(model))
+    if count >= total:
+        raise UsageError(f"cannot remove {count} of the model's {total} layers: at least one must remain")
+    return total

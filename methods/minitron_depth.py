@@ -1,0 +1,126 @@
+"""Minitron depth pruning as the LLM Pruning Collection runs it: drop one contiguous block of layers.
+
+Contiguous-block scan (spec B 1.4): with n = remove_layers and L the depth, every candidate
+i = 0..L-n is scored with layers [i, i+n) left out (the same modules, nothing copied), after the
+unpruned baseline. ``select="closest"`` picks the candidate whose score is closest to the baseline,
+first on ties: the collection's rule, for perplexity and accuracy alike (spec B 7.2 item 6).
+``select="best"`` picks the lowest perplexity / highest accuracy instead (first on ties), which is
+what the Minitron paper's figures argue for.
+
+Scorers (spec B 1.2, 1.3):
+
+``score="ppl"``
+    Every calibration row is one window: exp of the seq_len-weighted mean of the windows' mean
+    next-token cross-entropy (methods.depth.calib_perplexity). The collection cut its windows from
+    one tokenized stream (repro.data's ``wikitext103-train``, ``pg19`` and ``windows:PATH`` specs do the same).
+``score=<lm-eval task>``
+    lm-eval on the in-memory model with the tokenizer (repro.evaluate.run_tasks), metric ``acc``,
+    ``num_fewshot`` shots, ``limit`` passed through (the collection passed its calib_size, i.e. the
+    whole set). The kit's own task folder is searched too, so ``lpc_smoke_mc`` works on the smoke
+    model. The calibration rows are not used by this scorer. Unlike the collection, the kit's
+    harness adds no BOS (repro.evaluate) and runs with ``batch_size`` (the collection: 1, with an
+    automatic batch up to 64 for some request types).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+from methods import depth, surgery
+from methods.errors import UsageError
+
+PPL = "ppl"
+SELECT = ("closest", "best")
+
+
+@dataclass(frozen=True)
+class Options:
+    remove_layers: int
+    score: str = PPL
+    num_fewshot: int = 0
+    select: str = "closest"
+    limit: Optional[int] = None
+    batch_size: int = 1
+
+    def validate(self) -> None:
+        _check_int("remove_layers", self.remove_layers, 1)
+        _check_int("num_fewshot", self.num_fewshot, 0)
+        _check_int("batch_size", self.batch_size, 1)
+        if self.limit is not None:
+            _check_int("limit", self.limit, 1)
+        if self.select not in SELECT:
+            raise UsageError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if not isinstance(self.score, str) or not self.score:
+            raise UsageError(f"score must be 'ppl' or an lm-eval task name, got {self.score!r}")
+        if self.score != PPL and self.score not in known_tasks():
+            raise UsageError(f"unknown scoring task {self.score!r}: not 'ppl' and not an lm-eval task "
+                             "(nor one of the kit's repro/assets/tasks)")
+        if self.score == PPL and (self.num_fewshot or self.limit is not None):
+            raise UsageError("num_fewshot and limit apply to a task scorer, not to score=ppl")
+
+
+def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device,
+          tokenizer=None) -> dict:
+    count = options.remove_layers
+    total = depth.check_removable(model, count)
+    if options.score != PPL and tokenizer is None:
+        raise UsageError(f"scoring with task {options.score!r} needs the model's tokenizer")
+    scorer = _scorer(options, calib, tokenizer)
+    with depth.on_device(model, device):
+        baseline = scorer(model)
+        candidates = []
+        for start in range(total - count + 1):
+            with depth.layers_skipped(model, range(start, start + count)):
+                candidates.append(scorer(model))
+    start = choose(candidates, baseline, options.select, higher_is_better=options.score != PPL)
+    removed = list(range(start, start + count))
+    surgery.remove_layers(model, removed)
+    return {"scores": {"baseline": baseline, "candidates": candidates,
+                       "metric": PPL if options.score == PPL else options.score},
+            "layers_removed": removed, "block_start": start}
+
+
+def choose(candidates: List[float], baseline: float, select: str, *, higher_is_better: bool) -> int:
+    """The chosen candidate's index; the first one wins ties (the collection's strict `<`)."""
+    if select == "closest":
+        key = [abs(score - baseline) for score in candidates]
+    elif higher_is_better:
+        key = [-score for score in candidates]
+    else:
+        key = list(candidates)
+    return min(range(len(candidates)), key=key.__getitem__)
+
+
+def _scorer(options: Options, calib: torch.Tensor, tokenizer) -> Callable[[nn.Module], float]:
+    if options.score == PPL:
+        return lambda model: depth.calib_perplexity(model, calib)
+    from repro.evaluate import TaskSpec, cell_value, run_tasks
+
+    spec = TaskSpec(options.score, num_fewshot=options.num_fewshot, metric="acc")
+
+    def accuracy(model: nn.Module) -> float:
+        return cell_value(run_tasks(model, tokenizer, [spec], batch_size=options.batch_size,
+                                    limit=options.limit), spec)
+
+    return accuracy
+
+
+@functools.lru_cache(maxsize=1)
+def known_tasks() -> frozenset:
+    """Every task name lm-eval can load, the kit's shipped tasks included (indexing takes seconds)."""
+    from repro.evaluate import SMOKE_TASK_DIR
+
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise UsageError(f"scoring with an lm-eval task needs lm-eval 0.4.x: {exc}") from None
+    return frozenset(TaskManager(include_path=[str(SMOKE_TASK_DIR)]).all_tasks)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
