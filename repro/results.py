@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=_jsonable)
-            handle.write("\n")
+            handle.write(dumps(payload) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -26,6 +26,18 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# A JSON array of numbers (or nulls) as json.dumps(indent=2) spreads it: one element per line.
+_NUMBER = r"(?:-?[0-9][0-9.eE+-]*|null)"
+_NUMBER_ARRAY = re.compile(r"\[\s+(" + _NUMBER + r"(?:,\s+" + _NUMBER + r")*)\s+\]")
+
+
+def dumps(payload: Any) -> str:
+    """Indented JSON whose number arrays (kept indices, per-unit scores) stay on one line each, so a
+    structured method's result reads as a few hundred lines rather than tens of thousands."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=_jsonable)
+    return _NUMBER_ARRAY.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
 
 
 def read_json(path: Path) -> Any:
