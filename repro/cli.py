@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     width.add_argument("--criterion", help="shortened: ppl | taylor")
     width.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="any other option of the method (YAML value), e.g. --option head_weight=literal")
-    prune.add_argument("--calib", help="c4 | wikitext2 | bookcorpus | text file or dir | token ids (.pt/.npy)")
+    prune.add_argument("--calib", help="c4 | wikitext2 | bookcorpus | pg19 | wikitext103-train | windows:PATH | text file or dir | token ids (.pt/.npy)")
     prune.add_argument("--nsamples", type=int, help="default: 128, or the rows of a token file")
     prune.add_argument("--seqlen", type=int, help="default: the model context (max 8192), or a token file's width")
     prune.add_argument("--seed", type=int, default=0)

@@ -44,6 +44,15 @@ a token file ``*.pt`` / ``*.npy``
     UsageError. ``load_token_file`` validates without slicing (the CLI uses the file's shape when the
     user gave no ``--nsamples``/``--seqlen``).
 
+``pg19`` / ``wikitext103-train`` / ``windows:PATH`` / ``windows:smoke``
+    The Minitron / ShortGPT collection scorer (spec B 1.2): a text stream tokenized once (one BOS at
+    the very start), cut from its beginning into ``min(ntokens // seqlen, nsamples)`` consecutive,
+    non-overlapping windows of ``seqlen`` tokens (fewer rows than asked when the stream is short,
+    as the original; the seed is unused). ``pg19``: ``emozilla/pg19`` validation, first 8,000 rows
+    (all 50 books), column ``text``, joined with one space. ``wikitext103-train``: ``wikitext-103-v1``
+    train, first 131,072 rows, joined with "\\n\\n". ``windows:`` reads a local file or directory
+    (or the shipped smoke text) as one stream, documents joined with "\\n\\n".
+
 Evaluation specs
 ----------------
 ``wikitext2`` (``wikitext-2-raw-v1`` test) and ``ptb`` (``ptb_text_only`` validation, field
@@ -91,8 +100,8 @@ STREAM_PREFIX = "text-stream:"
 # the corpus has (almost) none, and upstream would spin forever (spec P6).
 MAX_REDRAWS = 200_000
 
-_ACCEPTED_CALIB = ("c4, wikitext2, bookcorpus, smoke, a text file or directory, "
-                   "text-stream:PATH, or a token file (.pt/.npy)")
+_ACCEPTED_CALIB = ("c4, wikitext2, bookcorpus, pg19, wikitext103-train, smoke, a text file or directory, "
+                   "text-stream:PATH, windows:PATH, or a token file (.pt/.npy)")
 _ACCEPTED_EVAL = "wikitext2, ptb, smoke, a text file or directory, or a token file (.pt/.npy)"
 
 
@@ -103,6 +112,8 @@ def calibration(spec: str, *, tokenizer=None, nsamples: int, seqlen: int, seed: 
     _check_positive("nsamples", nsamples)
     _check_positive("seqlen", seqlen)
     spec = str(spec)
+    if is_window_spec(spec):
+        return window_calibration(spec, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen)
     if _is_token_file(spec):
         return _rows_from_token_file(spec, nsamples, seqlen)
     if spec == "c4":
@@ -342,3 +353,46 @@ def _check_positive(name: str, value) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
+
+
+# ----------------------------------------------------------------------------- consecutive windows
+
+PG19_DATASET = "emozilla/pg19"
+WIKITEXT103_CONFIG = "wikitext-103-v1"   # the tokenized (<unk>) variant, as the collection loads it
+WINDOWS_PREFIX = "windows:"
+WINDOW_SPECS = ("pg19", "wikitext103-train")
+# How many rows of each hub split the collection's scorer reads (spec B 1.2).
+PG19_ROWS = 8000
+WIKITEXT103_ROWS = 131072
+
+
+def is_window_spec(spec: str) -> bool:
+    return spec in WINDOW_SPECS or spec.startswith(WINDOWS_PREFIX)
+
+
+def consecutive_windows(ids: Sequence[int], *, nsamples: int, seqlen: int) -> torch.LongTensor:
+    """The first min(len(ids) // seqlen, nsamples) non-overlapping windows of the stream, in order."""
+    count = min(len(ids) // seqlen, nsamples)
+    if count < 1:
+        raise UsageError(f"the token stream has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
+    return torch.as_tensor(list(ids[:count * seqlen]), dtype=torch.long).reshape(count, seqlen)
+
+
+def window_calibration(spec: str, *, tokenizer, nsamples: int, seqlen: int) -> torch.LongTensor:
+    """Calibration rows for the window specs (module docstring): one stream, consecutive windows."""
+    if spec == "pg19":
+        text = " ".join(_first_rows(PG19_DATASET, None, "validation", "text", PG19_ROWS))
+    elif spec == "wikitext103-train":
+        text = "\n\n".join(_first_rows(WIKITEXT_DATASET, WIKITEXT103_CONFIG, "train", "text", WIKITEXT103_ROWS))
+    else:
+        path = _local_text_path(spec[len(WINDOWS_PREFIX):], _ACCEPTED_CALIB, SMOKE_CALIB_TEXT)
+        text = "\n\n".join(read_documents(path, paragraphs=False))
+    return consecutive_windows(_encoder(tokenizer)(text), nsamples=nsamples, seqlen=seqlen)
+
+
+def _first_rows(path: str, name, split: str, field: str, count: int) -> List[str]:
+    # Streaming reads only the split's own files: PG19's train split alone is some 11 GB.
+    import itertools
+
+    rows = _load_dataset(path, name, split=split, streaming=True)
+    return [row[field] for row in itertools.islice(rows, count)]

@@ -25,6 +25,7 @@ import yaml
 import methods
 from methods.errors import UsageError
 from repro import diff as differ
+from repro.figures import report_figures
 from repro.models import load_model
 from repro.provenance import provenance
 from repro.results import read_json, write_json_atomic
@@ -109,7 +110,8 @@ def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[st
     cells = differ.diff_cells(table, results)
     claims = differ.diff_claims(table, results_root, method)
     log(differ.render(method, table, cells, claims))
-    return not differ.failed(cells, claims)
+    figures_failed = report_figures(method, profile, results_root, recipe.table, plots=True, rows=selected, log=log)
+    return not (differ.failed(cells, claims) or figures_failed)
 
 
 def _select_rows(recipe: Recipe, rows: Optional[List[str]]) -> List[str]:
