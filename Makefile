@@ -12,7 +12,7 @@ VENVJOB ?= .venv-jobman
 TORCH_PIN ?= torch==2.13.0
 PROFILE ?= smoke
 RESULTS ?= results/local
-METHODS := magnitude wanda sparsegpt
+METHODS := magnitude wanda sparsegpt wanda-sp flap llm-pruner minitron-width shortgpt minitron-depth shortened
 LPC_CACHE ?= $(HOME)/.cache/lpc
 export LPC_CACHE
 
@@ -61,9 +61,14 @@ test: setup
 test-jobman: $(VENVJOB)/.stamp
 	$(VENVJOB)/bin/python -m pytest -q tests/jobman
 
-# The version matrix: the methods and the calibration engine under transformers 4.43.3.
+# The version matrix: the methods, the calibration engine, the surgery and every golden test under
+# transformers 4.43.3 (the version the golden fixtures were made with).
+TF443_TESTS := tests/test_golden_sparse.py tests/test_methods_models.py tests/test_sparsity_kernels.py \
+               tests/test_surgery.py tests/test_golden_flap.py tests/test_golden_llmpruner.py \
+               tests/test_golden_minitron.py tests/test_golden_shortgpt.py tests/test_depth_methods.py \
+               tests/test_minitron_width.py tests/test_shortened.py
 test-tf443: $(VENV443)/.stamp
-	$(VENV443)/bin/python -m pytest -q tests/test_golden_sparse.py tests/test_methods_models.py tests/test_sparsity_kernels.py
+	$(VENV443)/bin/python -m pytest -q $(TF443_TESTS)
 
 test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "not container" --ignore=tests/jobman
@@ -98,7 +103,7 @@ smoke:
 
 # Committed results (results/reference) against the stored tables: the CI regression check.
 diff-committed: $(VENV)/.stamp
-	$(VENV)/bin/lpc diff --all --results-dir results/reference
+	$(VENV)/bin/lpc diff --all --no-plots --results-dir results/reference
 
 report: $(VENV)/.stamp
 	@mkdir -p $(RESULTS)

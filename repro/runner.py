@@ -206,14 +206,18 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
         if metric.kind == "structure":
             metrics[key] = structure_value(model, spec["field"])
         elif metric.kind == "perplexity":
-            tokens = _cached(cache, ("eval", spec["data"]),
-                             lambda: data.eval_tokens(spec["data"], tokenizer=tokenizer))
+            # bos: every_window = Shortened LLaMA's ppl_bos (stream without BOS, one before each window).
+            every_window = spec.get("bos") == "every_window"
+            tokens = _cached(cache, ("eval", spec["data"], every_window),
+                             lambda: data.eval_tokens(spec["data"], tokenizer=tokenizer,
+                                                      add_special_tokens=not every_window))
             if "max_windows" in spec:  # smoke: a fixed prefix of the stream keeps CPU runs short
                 tokens = tokens[:, : int(spec["max_windows"]) * int(spec["seqlen"])]
             if spec["protocol"] == "rows":
                 metrics[key] = evaluate.perplexity_rows(model, tokens.reshape(-1, int(spec["seqlen"])))
             else:
-                metrics[key] = evaluate.perplexity_windows(model, tokens, int(spec["seqlen"]))
+                bos = tokenizer.bos_token_id if every_window else None
+                metrics[key] = evaluate.perplexity_windows(model, tokens, int(spec["seqlen"]), bos_per_window=bos)
         else:
             tasks.append((key, evaluate.TaskSpec(name=spec["task"], num_fewshot=int(spec["shots"]),
                                                  metric=spec["metric"])))

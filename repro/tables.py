@@ -90,6 +90,8 @@ def _parse_profile(name: str, raw: dict, path: Path) -> Profile:
             missing = [k for k in ("task", "metric", "shots", "n") if k not in spec]
             if missing:
                 raise UsageError(f"{where}: accuracy metric {key!r} lacks {', '.join(missing)}")
+        if kind == "perplexity" and spec.get("bos", "every_window") != "every_window":
+            raise UsageError(f"{where}: perplexity metric {key!r}: bos may only be 'every_window'")
         if kind == "structure" and spec.get("field") not in STRUCTURE_FIELDS:
             raise UsageError(f"{where}: structure metric {key!r} needs field, one of {STRUCTURE_FIELDS}")
         metrics[key] = Metric(key, kind, spec)

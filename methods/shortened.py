@@ -1,0 +1,216 @@
+"""Shortened LLaMA (Kim et al. 2024, arXiv:2402.02834): remove whole decoder blocks, chosen one-shot.
+
+Every block gets one importance score from the dense model, the blocks are ranked ascending (least
+important first), and the first `remove_layers` candidates are deleted. Nothing is re-scored after a
+removal. Two criteria (spec A section 10):
+
+* ``ppl``: the perplexity of the calibration rows (each row fed alone, exp of the mean token NLL)
+  when only that block is missing. The block whose absence hurts least goes first.
+* ``taylor``: one backward pass of the causal-LM loss over all calibration rows as one batch; per
+  weight, salience s = W * dL/dW; a matrix scores sum_rows(sum_cols |s|^p), an RMSNorm vector
+  sum |s|^p (p = `norm_power`); the block scores the sum of its weights' scores. Every parameter of
+  the block whose name holds "weight" counts, the two RMSNorms included; biases do not.
+
+The "+" heuristic (on by default, for both criteria, as in the original's block_prune.py) takes
+blocks 0-3 and the last two out of the candidates; ``plus_heuristic=False`` is the original's
+``--no_plus_heuristic``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods import surgery
+from methods.anatomy import decoder_layers
+from methods.depth import layers_skipped, on_device
+from methods.errors import UsageError
+
+CRITERIA = ("ppl", "taylor")
+REDUCTIONS = ("sum", "mean", "max", "prod")
+GRADIENT_DTYPES = ("float32", "model")
+FIRST_KEPT = 4   # blocks 0..3 are never candidates under "+"
+LAST_KEPT = 2    # nor are the last two
+
+
+@dataclass(frozen=True)
+class Options:
+    criterion: str                   # ppl | taylor
+    remove_layers: int               # how many blocks to delete
+    plus_heuristic: bool = True      # keep blocks 0-3 and the last two out of the candidates
+    norm_power: int = 1              # taylor: p in |W * G|^p
+    weight_reduction: str = "sum"    # taylor: over a weight's rows (matrix) or entries (norm vector)
+    block_reduction: str = "sum"     # taylor: over a block's weight scores
+    # taylor: "float32" casts the model up for the backward pass (the original ran LLaMA-1 on the
+    # CPU in fp32); "model" keeps the loaded dtype (its --use_bfloat run on Llama-2 in bf16).
+    gradient_dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if isinstance(self.remove_layers, bool) or not isinstance(self.remove_layers, int) or self.remove_layers < 1:
+            raise UsageError(f"remove_layers must be an integer >= 1, got {self.remove_layers!r}")
+        if not isinstance(self.plus_heuristic, bool):
+            raise UsageError(f"plus_heuristic must be true or false, got {self.plus_heuristic!r}")
+        if isinstance(self.norm_power, bool) or not isinstance(self.norm_power, int) or self.norm_power < 1:
+            raise UsageError(f"norm_power must be an integer >= 1, got {self.norm_power!r}")
+        for name in ("weight_reduction", "block_reduction"):
+            if getattr(self, name) not in REDUCTIONS:
+                raise UsageError(f"{name} must be one of {', '.join(REDUCTIONS)}, got {getattr(self, name)!r}")
+        if self.gradient_dtype not in GRADIENT_DTYPES:
+            raise UsageError(f"gradient_dtype must be one of {', '.join(GRADIENT_DTYPES)}, "
+                             f"got {self.gradient_dtype!r}")
+
+
+def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    total = len(decoder_layers(model))
+    pool = candidates(range(total), total, options.plus_heuristic)
+    if options.remove_layers >= total:
+        raise UsageError(f"remove_layers={options.remove_layers} would leave no layer of the model's {total}")
+    if options.remove_layers > len(pool):
+        raise UsageError(f"remove_layers={options.remove_layers} exceeds the {len(pool)} candidate blocks left "
+                         f"of {total} after the '+' heuristic (blocks 0-3 and the last two are kept)")
+    # Both criteria run the model whole, as the original did.
+    with on_device(model, device):
+        if options.criterion == "ppl":
+            scores = ppl_scores(model, calib)
+        else:
+            scores = taylor_scores(model, calib, options)
+    order = rank(scores)
+    removed = blocks_to_remove(order, options.remove_layers, total, options.plus_heuristic)
+    surgery.remove_layers(model, removed)
+    return {
+        "criterion": options.criterion,
+        "scores": {"block": scores, "order": order},
+        "layers_removed": removed,
+        "layers_kept": [i for i in range(total) if i not in removed],
+    }
+
+
+# ----------------------------------------------------------------------------- ranking and selection
+
+def rank(scores: Sequence[float]) -> List[int]:
+    """Block indices, least important (lowest score) first; ties keep index order, as Python's sort.
+
+    A NaN score (a forward that overflowed) ranks last: such a block is not safe to remove.
+    """
+    return sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]), scores[i]))
+
+
+def candidates(order: Sequence[int], num_layers: int, plus_heuristic: bool) -> List[int]:
+    """`order` without the blocks the "+" heuristic protects (all of it when the heuristic is off)."""
+    order = [int(i) for i in order]
+    if not plus_heuristic:
+        return order
+    protected = set(range(FIRST_KEPT)) | set(range(num_layers - LAST_KEPT, num_layers))
+    return [i for i in order if i not in protected]
+
+
+def blocks_to_remove(order: Sequence[int], k: int, num_layers: int, plus_heuristic: bool) -> List[int]:
+    """The first `k` candidates of `order`, in removal order."""
+    pool = candidates(order, num_layers, plus_heuristic)
+    if k > len(pool):
+        raise UsageError(f"cannot remove {k} blocks: only {len(pool)} candidates")
+    return pool[:k]
+
+
+# ----------------------------------------------------------------------------- PPL criterion
+
+def ppl_scores(model: nn.Module, calib: torch.Tensor) -> List[float]:
+    """Per block b: the calibration perplexity of the model with b skipped (no weight is copied)."""
+    scores = []
+    for block in range(len(decoder_layers(model))):
+        with layers_skipped(model, [block]):
+            scores.append(rows_perplexity(model, calib))
+    return scores
+
+
+@torch.no_grad()
+def rows_perplexity(model: nn.Module, rows: torch.Tensor) -> float:
+    """exp(mean next-token NLL over all rows), each row fed alone; logits in fp32 as transformers
+    4.40 (the original's pin) always cast them."""
+    device = model.get_input_embeddings().weight.device
+    nlls = []
+    for row in rows:
+        ids = row.reshape(1, -1).to(device=device, dtype=torch.long)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        nlls.append(F.cross_entropy(logits, ids[0, 1:], reduction="none"))
+    return math.exp(torch.cat(nlls).mean().item())
+
+
+# ----------------------------------------------------------------------------- Taylor criterion
+
+def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options) -> List[float]:
+    """Per block: the reduction of its weights' |W * G|^p scores (see the module docstring)."""
+    weights = [[(name, p) for name, p in layer.named_parameters() if "weight" in name]
+               for layer in decoder_layers(model)]
+    scores = []
+    with _gradients(model, calib, [p for block in weights for _, p in block], options.gradient_dtype):
+        for block in weights:
+            values = []
+            for name, p in block:
+                # The product in the dtype the backward ran in, then fp32, as the original did.
+                values.append(_weight_score((p.detach() * p.grad).float(), name, options))
+                p.grad = None  # free as we go: a 7B model's fp32 gradients alone take 26 GB
+            scores.append(_reduce(torch.tensor(values, dtype=torch.float32), options.block_reduction).item())
+    return scores
+
+
+@contextlib.contextmanager
+def _gradients(model: nn.Module, calib: torch.Tensor, params: List[nn.Parameter],
+               gradient_dtype: str) -> Iterator[None]:
+    """`params` hold dL/dW of one backward pass over the whole calibration batch while inside;
+    dtypes, requires_grad flags and gradients are put back on exit."""
+    flags = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
+    try:
+        if gradient_dtype == "float32":
+            # Parameters only: fp16/bf16 -> fp32 is exact, and so is the way back. Buffers such as the
+            # rotary inv_freq are left alone, since a round trip through fp16 would change them.
+            for p, _, dtype in flags:
+                if dtype != torch.float32 and p.is_floating_point():
+                    p.data = p.data.float()
+        # Only the block weights need gradients; activations carry them through everything else.
+        for p, _, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        ids = calib.to(device=model.get_input_embeddings().weight.device, dtype=torch.long)
+        with torch.enable_grad():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        del loss
+        yield
+    finally:
+        for p in params:
+            p.grad = None
+        for p, flag, dtype in flags:
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+            p.requires_grad_(flag)
+
+
+def _weight_score(salience: torch.Tensor, name: str, options: Options) -> float:
+    powered = salience.abs().pow(options.norm_power)
+    if powered.dim() == 2:      # [out, in]: one value per output row first
+        per_unit = powered.sum(dim=1)
+    elif powered.dim() == 1:    # a norm's weight vector
+        per_unit = powered
+    else:
+        raise UsageError(f"cannot score block weight {name} of shape {list(salience.shape)}")
+    return _reduce(per_unit, options.weight_reduction).item()
+
+
+def _reduce(values: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "sum":
+        return values.sum(dim=0)
+    if how == "mean":
+        return values.mean(dim=0)
+    if how == "max":
+        return values.max(dim=0)[0]
+    return torch.prod(values, dim=0)
