@@ -50,10 +50,10 @@ class Recipe:
     def fingerprint(self, row: str, metrics: Dict[str, dict]) -> str:
         """Identity of a row's inputs: a finished result counts only if this still matches.
 
-        The dense row does not depend on the method (only calibration is method-specific, and the
-        dense row draws none), so every method's recipe shares one dense result per profile.
+        The dense row does not depend on the method (only calibration and recovery are method-specific,
+        and the dense row uses neither), so every method's recipe shares one dense result per profile.
         """
-        config = {k: v for k, v in self.config.items() if row != DENSE or k != "calibration"}
+        config = {k: v for k, v in self.config.items() if row != DENSE or k not in ("calibration", "recovery")}
         identity = {"config": config, "options": self.rows[row], "metrics": metrics}
         if row != DENSE:
             identity["method"] = self.method
