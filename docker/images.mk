@@ -30,6 +30,9 @@ endef
 
 # One line per image family.
 $(eval $(call image_family,sparse,magnitude wanda sparsegpt))
+$(eval $(call image_family,width,wanda-sp flap llm-pruner))
+$(eval $(call image_family,minitron,minitron-width minitron-depth shortgpt))
+$(eval $(call image_family,shortened,shortened))
 
 # Settings: give them on the command line, in the environment or in the including Makefile
 # (docker/container.sh documents each). REGISTRY defaults to the one recorded in
