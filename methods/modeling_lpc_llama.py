@@ -16,6 +16,7 @@ Models whose layers all share one Llama-representable shape are saved as plain L
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import List, Optional
 
 import torch
@@ -126,7 +127,8 @@ class LpcLlamaModel(LlamaModel):
         finally:
             config.num_hidden_layers = layers
         self.layers = nn.ModuleList(self._build_layer(config, index) for index in range(layers))
-        self.rotary_emb = type(self.rotary_emb)(config=rotary_config(config))
+        if hasattr(self, "rotary_emb"):  # model-level rotary table of transformers >= 4.43
+            self.rotary_emb = type(self.rotary_emb)(config=rotary_config(config))
 
     @staticmethod
     def _build_layer(config: LpcLlamaConfig, index: int) -> nn.Module:
@@ -141,11 +143,18 @@ class LpcLlamaModel(LlamaModel):
         layer = LlamaDecoderLayer(stock, index)
         if hasattr(layer.self_attn, "config"):
             layer.self_attn.config = config
+        legacy_rope = False
         if hasattr(layer.self_attn, "rotary_emb"):  # per-attention rotary table of transformers < 4.48
-            layer.self_attn.rotary_emb = type(layer.self_attn.rotary_emb)(config=rotary_config(config))
+            rotary = type(layer.self_attn.rotary_emb)
+            if "config" in inspect.signature(rotary.__init__).parameters:
+                layer.self_attn.rotary_emb = rotary(config=rotary_config(config))
+            else:  # before 4.43 the table is built from the attention's own head_dim
+                legacy_rope = True
         shape_layer(layer, config.hidden_size, config.layer_num_attention_heads[index],
                     config.layer_num_key_value_heads[index], config.head_dim,
                     config.layer_intermediate_size[index], config.o_proj_bias, config.down_proj_bias)
+        if legacy_rope:
+            layer.self_attn._init_rope()
         return layer
 
 

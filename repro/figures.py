@@ -16,6 +16,7 @@ Claims: PASS, FAIL, XFAIL, XPASS, PENDING, as the tables' claims.
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -566,7 +567,15 @@ OURS_STYLE = dict(linestyle="-", marker="o", markersize=3, linewidth=1.3, zorder
 
 
 def write_plots(report: FigureReport, out_dir: Path) -> List[Path]:
-    """One PNG per figure: every column's readings (points, ranges as boxes) and ours on top."""
+    """One PNG per figure: every column's readings (points, ranges as boxes) and ours on top.
+
+    Plots are a convenience on top of the comparison: an environment without matplotlib (the
+    `sparse` image has no figures to draw) gets one line on stderr instead of a failed run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("lpc: matplotlib is not installed; figures compared but not drawn", file=sys.stderr)
+        return []
     written = []
     for figure in report.figures.values():
         path = Path(out_dir) / f"{figure.key}.png"
