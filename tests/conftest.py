@@ -36,3 +36,29 @@ def tiny_llama(num_kv_heads: int = 2, seed: int = 0, **overrides):
     config.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: with two OpenMP threads on a shared CPU every op spin-waits (about 30x slower);
+    one thread gives the same numbers well within the tolerances. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def manifest_runs(pattern: str):
+    """(model, run name, run entry, the manifest's .npz name or None) for every run of the golden
+    manifests matching `pattern` (ShortGPT and Minitron files: dict[model][run])."""
+    import json
+
+    for manifest in sorted((GOLDEN / "expected").glob(pattern)):
+        data = json.loads(manifest.read_text())
+        npz = [name for name in data["files"] if name.endswith(".npz")]
+        for model, model_runs in data["results"].items():
+            for name, run in model_runs.items():
+                yield model, name, run, npz[0] if npz else None

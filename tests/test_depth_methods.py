@@ -15,14 +15,7 @@ from tests.conftest import tiny_llama
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with two OpenMP threads on a shared CPU every op spin-waits (about
-    30x slower here); one thread gives the same numbers well within the tolerances."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(rows=4, length=16, seed=0):

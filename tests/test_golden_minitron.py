@@ -7,7 +7,6 @@ the collection's perplexity on calib.pt, one row per window (calib_size 16, max_
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -17,31 +16,18 @@ import methods
 from methods.depth import calib_perplexity
 from repro.evaluate import perplexity_rows
 from repro.models import dtype_kwarg
-from tests.conftest import GOLDEN, golden_path
+from tests.conftest import golden_path, manifest_runs
 
 REL_SCORE = 1e-4
 REL_PPL = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with two OpenMP threads on a shared CPU every op spin-waits (about
-    30x slower here); one thread gives the same numbers well within the tolerances."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _runs():
-    runs = []
-    for manifest in sorted((GOLDEN / "expected").glob("minitron_collection_manifest*.json")):
-        data = json.loads(manifest.read_text())
-        npz = [name for name in data["files"] if name.endswith(".npz")]
-        for model, model_runs in data["results"].items():
-            for name, run in model_runs.items():
-                runs.append(dict(run, model=model, name=name, npz=npz[0] if npz else None))
-    return runs
+    return [dict(run, model=model, name=name, npz=npz)
+            for model, name, run, npz in manifest_runs("minitron_collection_manifest*.json")]
 
 
 RUNS = _runs()

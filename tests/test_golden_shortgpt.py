@@ -5,7 +5,6 @@ Every run of every shortgpt_sramshetty manifest is replayed (held-out models rep
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -14,32 +13,20 @@ import torch
 import methods
 from repro.evaluate import perplexity_rows
 from repro.models import dtype_kwarg
-from tests.conftest import GOLDEN, golden_path
+from tests.conftest import golden_path, manifest_runs
 
 REL_SCORE = 1e-4
 REL_PPL = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with two OpenMP threads on a shared CPU every op spin-waits (about
-    30x slower here); one thread gives the same numbers well within the tolerances."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _runs():
     runs = []
-    for manifest in sorted((GOLDEN / "expected").glob("shortgpt_sramshetty_manifest*.json")):
-        data = json.loads(manifest.read_text())
-        npz = [name for name in data["files"] if name.endswith(".npz")]
-        for model, model_runs in data["results"].items():
-            for name, run in model_runs.items():
-                metric, _, count = name.partition("_remove")
-                runs.append(dict(run, model=model, name=name, metric=metric, count=int(count),
-                                 npz=npz[0] if npz else None))
+    for model, name, run, npz in manifest_runs("shortgpt_sramshetty_manifest*.json"):
+        metric, _, count = name.partition("_remove")
+        runs.append(dict(run, model=model, name=name, metric=metric, count=int(count), npz=npz))
     return runs
 
 

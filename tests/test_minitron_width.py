@@ -18,13 +18,7 @@ from tests.conftest import REPO, tiny_llama
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: with two OpenMP threads on a shared CPU every op spin-waits; one is faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(rows=4, length=16, seed=0):
