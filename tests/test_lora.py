@@ -14,16 +14,19 @@ from training import lora
 pytest.importorskip("peft")
 
 
-class CharTokenizer:
-    """BOS + one id per character: token boundaries are obvious, so label masks can be checked exactly."""
+def char_tokenizer():
+    """A real (fast) tokenizer with one id per character and a BOS in front: token boundaries are
+    obvious, so label masks can be checked exactly, and transformers' collator can pad with it."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    bos_token_id, eos_token_id = 1, 2
-
-    def __call__(self, text, truncation=False, max_length=None, padding=False, **_):
-        ids = [self.bos_token_id] + [3 + (ord(c) % 120) for c in text]
-        if truncation and max_length is not None:
-            ids = ids[:max_length]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({c: 4 + i for i, c in enumerate([chr(c) for c in range(32, 127)] + ["\n"])})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
 
 
 def _records(n=40):
@@ -45,7 +48,7 @@ def test_prompt_is_the_alpaca_template():
 
 
 def test_labels_mask_the_prompt_and_eos_is_appended_unless_truncated():
-    tok, recipe = CharTokenizer(), lora.LoraRecipe(cutoff_len=256)
+    tok, recipe = char_tokenizer(), lora.LoraRecipe(cutoff_len=256)
     record = {"instruction": "Echo", "input": "abc", "output": "xyz"}
     example = lora.tokenize_example(tok, record, recipe)
     user = tok(lora.prompt("Echo", "abc"))["input_ids"]
@@ -53,7 +56,7 @@ def test_labels_mask_the_prompt_and_eos_is_appended_unless_truncated():
     assert ids[:len(user)] == user and ids[-1] == tok.eos_token_id
     assert labels[:len(user)] == [-100] * len(user)
     assert labels[len(user):] == ids[len(user):]           # the response and its EOS are learned
-    assert ids[len(user):-1] == [3 + ord(c) % 120 for c in "xyz"]
+    assert ids[len(user):-1] == tok.convert_tokens_to_ids(list("xyz"))
     # Cut off at cutoff_len: no EOS, and a prompt longer than the cutoff leaves nothing to learn.
     short = lora.tokenize_example(tok, record, lora.LoraRecipe(cutoff_len=20))
     assert len(short["input_ids"]) == 20 and short["input_ids"][-1] != tok.eos_token_id
@@ -63,14 +66,16 @@ def test_labels_mask_the_prompt_and_eos_is_appended_unless_truncated():
     assert full["labels"] == full["input_ids"]
 
 
-def test_collate_pads_left_to_a_multiple_of_eight():
-    batch = lora.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-                          {"input_ids": [8] * 10, "labels": [8] * 10}], pad_id=0)
+def test_collator_pads_left_to_a_multiple_of_eight_without_touching_the_tokenizer():
+    tok = char_tokenizer()
+    batch = lora.collator(tok, pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                          {"input_ids": [8] * 10, "labels": [8] * 10}])
     assert batch["input_ids"].shape == (2, 16)
     assert batch["input_ids"][0].tolist() == [0] * 13 + [5, 6, 7]
     assert batch["attention_mask"][0].tolist() == [0] * 13 + [1] * 3
     assert batch["labels"][0].tolist() == [-100] * 13 + [-100, 6, 7]
     assert batch["labels"][1].tolist() == [-100] * 6 + [8] * 10
+    assert tok.padding_side == "right"  # the caller's tokenizer is saved with the checkpoint
 
 
 def test_validation_split_is_the_datasets_train_test_split():
@@ -90,7 +95,7 @@ def test_recipe_refuses_bad_values():
     with pytest.raises(UsageError, match="precision"):
         lora.LoraRecipe.from_spec({"precision": "fp8"})
     with pytest.raises(UsageError, match="mixed-precision"):
-        lora.recover(tiny_llama(), CharTokenizer(), {"precision": "fp16"}, device="cpu")
+        lora.recover(tiny_llama(), char_tokenizer(), {"precision": "fp16"}, device="cpu")
 
 
 def test_local_data_is_validated(tmp_path):
@@ -107,7 +112,7 @@ def test_local_data_is_validated(tmp_path):
 def test_a_few_steps_learn_and_merge_into_the_same_model(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = tiny_llama(num_kv_heads=2, vocab_size=128)
-    tok = CharTokenizer()
+    tok = char_tokenizer()
     data = _write_jsonl(tmp_path / "echo.jsonl", _records())
     spec = {"data": str(data), "max_steps": 6, "micro_batch_size": 4, "batch_size": 8, "lr": 1e-2,
             "warmup_steps": 1, "val_set_size": 8, "eval_steps": 3, "cutoff_len": 256, "select_best": False}
@@ -115,7 +120,8 @@ def test_a_few_steps_learn_and_merge_into_the_same_model(tmp_path, monkeypatch):
     records, _ = lora.load_instructions(str(data))
     _, val_idx = lora.split_validation(len(records), recipe.val_set_size, recipe.split_seed)
     val = [lora.tokenize_example(tok, records[i], recipe) for i in val_idx]
-    before_loss = lora.evaluate_loss(model, val, recipe, torch.device("cpu"))
+    collate = lora.collator(tok, recipe.pad_token_id)
+    before_loss = lora.evaluate_loss(model, val, collate, recipe.micro_batch_size, torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
@@ -138,7 +144,7 @@ def test_a_few_steps_learn_and_merge_into_the_same_model(tmp_path, monkeypatch):
     assert report["examples"] == {"train": 32, "val": 8}
     assert report["tokens"] > report["label_tokens"] > 0
     assert [h["step"] for h in report["history"]] == [3, 6]
-    after_loss = lora.evaluate_loss(model, val, recipe, torch.device("cpu"))
+    after_loss = lora.evaluate_loss(model, val, collate, recipe.micro_batch_size, torch.device("cpu"))
     assert after_loss == pytest.approx(report["val_loss"], rel=1e-5)
     assert after_loss < before_loss
     # Merged: plain Linears, no peft left, the seven projections moved by exactly B @ A * scale.
@@ -162,7 +168,8 @@ def test_select_best_restores_the_best_validation_adapter(tmp_path):
     data = _write_jsonl(tmp_path / "echo.jsonl", _records())
     spec = {"data": str(data), "max_steps": 4, "micro_batch_size": 4, "batch_size": 4, "lr": 5e-2,
             "warmup_steps": 0, "val_set_size": 8, "eval_steps": 1, "cutoff_len": 256, "select_best": True}
-    report = lora.recover(model, CharTokenizer(), spec, device="cpu", seed=1)
+    tok = char_tokenizer()
+    report = lora.recover(model, tok, spec, device="cpu", seed=1)
     losses = [h["val_loss"] for h in report["history"]]
     assert report["best_val_loss"] == min(losses)
     assert report["selected_step"] == report["best_step"] == report["history"][losses.index(min(losses))]["step"]
@@ -170,5 +177,6 @@ def test_select_best_restores_the_best_validation_adapter(tmp_path):
     recipe = lora.LoraRecipe.from_spec(spec)
     records, _ = lora.load_instructions(str(data))
     _, val_idx = lora.split_validation(len(records), 8)
-    val = [lora.tokenize_example(CharTokenizer(), records[i], recipe) for i in val_idx]
-    assert lora.evaluate_loss(model, val, recipe, torch.device("cpu")) == pytest.approx(min(losses), rel=1e-5)
+    val = [lora.tokenize_example(tok, records[i], recipe) for i in val_idx]
+    loss = lora.evaluate_loss(model, val, lora.collator(tok, 0), recipe.micro_batch_size, torch.device("cpu"))
+    assert loss == pytest.approx(min(losses), rel=1e-5)

@@ -33,6 +33,8 @@ original's `prepare_model_for_int8_training` fp32 casts of norms and lm_head are
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -208,18 +210,17 @@ def _tokenize(tokenizer, text: str, cutoff: int, *, add_eos: bool) -> List[int]:
     return ids
 
 
-def collate(examples: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Left padding to the longest example rounded up to a multiple of 8 (DataCollatorForSeq2Seq with
-    the original's padding_side='left', pad_to_multiple_of=8)."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    width = int(math.ceil(longest / PAD_MULTIPLE) * PAD_MULTIPLE)
-    ids, mask, labels = [], [], []
-    for e in examples:
-        pad = width - len(e["input_ids"])
-        ids.append([pad_id] * pad + e["input_ids"])
-        mask.append([0] * pad + [1] * len(e["input_ids"]))
-        labels.append([IGNORE] * pad + e["labels"])
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+def collator(tokenizer, pad_id: int):
+    """transformers' DataCollatorForSeq2Seq as the original configured it: left padding with `pad_id`
+    to the longest example rounded up to a multiple of 8, labels padded with -100. It pads a copy of
+    the tokenizer, so the caller's (saved with the checkpoint) keeps its own padding settings."""
+    from transformers import DataCollatorForSeq2Seq
+
+    padder = copy.deepcopy(tokenizer)
+    padder.padding_side = "left"
+    padder.pad_token_id = pad_id
+    return DataCollatorForSeq2Seq(padder, pad_to_multiple_of=PAD_MULTIPLE, label_pad_token_id=IGNORE,
+                                  return_tensors="pt")
 
 
 # ----------------------------------------------------------------------------- training
@@ -244,7 +245,8 @@ def recover(model: nn.Module, tokenizer, spec: dict, *, device: str = "cpu", see
     peft_model = _attach(model, recipe)
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]
     try:
-        log = _train(peft_model, lora_params, train, val, recipe, target, seed)
+        log = _train(peft_model, lora_params, train, val, recipe, target, seed,
+                     collator(tokenizer, recipe.pad_token_id))
         if recipe.select_best and log["best_state"] is not None:
             _load_lora_state(peft_model, log["best_state"])
         merged = peft_model.merge_and_unload()
@@ -289,19 +291,23 @@ def _attach(model: nn.Module, recipe: LoraRecipe):
 
 
 def _train(model, params: List[torch.Tensor], train: List[dict], val: List[dict], recipe: LoraRecipe,
-           device: torch.device, seed: int) -> dict:
+           device: torch.device, seed: int, collate) -> dict:
+    from transformers import get_linear_schedule_with_warmup
+
     micro_per_epoch = int(math.ceil(len(train) / recipe.micro_batch_size))
     steps_per_epoch = int(math.ceil(micro_per_epoch / recipe.accumulation))
     total = recipe.max_steps or steps_per_epoch * recipe.epochs
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup(recipe.warmup_steps, total))
-    autocast, scaler = _precision(recipe.precision, device)
+    schedule = get_linear_schedule_with_warmup(optimizer, recipe.warmup_steps, total)
+    autocast = _autocast(recipe.precision, device)
+    # Only fp16 needs loss scaling; a disabled scaler passes everything straight through.
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.precision == "fp16")
     generator = torch.Generator().manual_seed(seed)
     log = {"steps": 0, "micro_batches": 0, "tokens": 0, "label_tokens": 0, "train_loss": None,
            "val_loss": None, "best_val_loss": None, "best_step": None, "history": [], "best_state": None,
            "steps_planned": total}
     step_losses: List[float] = []
-    for batches in _optimizer_steps(train, recipe, generator, total):
+    for batches in _optimizer_steps(train, recipe, generator, total, collate):
         model.train()
         losses = []
         for batch in batches:
@@ -323,7 +329,7 @@ def _train(model, params: List[torch.Tensor], train: List[dict], val: List[dict]
         step_losses.append(sum(losses) / len(losses))
         last = log["steps"] == total
         if val and (log["steps"] % recipe.eval_steps == 0 or last):
-            loss = evaluate_loss(model, val, recipe, device, autocast)
+            loss = evaluate_loss(model, val, collate, recipe.micro_batch_size, device, autocast)
             log["history"].append({"step": log["steps"], "train_loss": step_losses[-1], "val_loss": loss})
             log["val_loss"] = loss
             if log["best_val_loss"] is None or loss < log["best_val_loss"]:
@@ -340,30 +346,29 @@ def _train(model, params: List[torch.Tensor], train: List[dict], val: List[dict]
 
 
 def _optimizer_steps(train: List[dict], recipe: LoraRecipe, generator: torch.Generator,
-                     total: int) -> Iterator[List[Dict[str, torch.Tensor]]]:
+                     total: int, collate) -> Iterator[List[Dict[str, torch.Tensor]]]:
     """Micro-batches grouped per optimizer step, epoch after epoch, until `total` steps."""
     done = 0
     while done < total:
         order = torch.randperm(len(train), generator=generator).tolist()
         micro = [order[i:i + recipe.micro_batch_size] for i in range(0, len(order), recipe.micro_batch_size)]
         for first in range(0, len(micro), recipe.accumulation):
-            yield [collate([train[i] for i in ids], recipe.pad_token_id)
-                   for ids in micro[first:first + recipe.accumulation]]
+            yield [collate([train[i] for i in ids]) for ids in micro[first:first + recipe.accumulation]]
             done += 1
             if done >= total:
                 return
 
 
-def evaluate_loss(model, val: List[dict], recipe: LoraRecipe, device: torch.device, autocast=None) -> float:
+def evaluate_loss(model, val: List[dict], collate, micro_batch_size: int, device: torch.device,
+                  autocast=contextlib.nullcontext) -> float:
     """Mean over validation examples of their micro-batch's mean token loss (the Trainer's eval_loss)."""
-    autocast = autocast or _precision("fp32", device)[0]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for first in range(0, len(val), recipe.micro_batch_size):
-            chunk = val[first:first + recipe.micro_batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, recipe.pad_token_id).items()}
+        for first in range(0, len(val), micro_batch_size):
+            chunk = val[first:first + micro_batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
             with autocast():
                 loss = model(**batch, use_cache=False).loss
             total += float(loss) * len(chunk)
@@ -372,49 +377,12 @@ def evaluate_loss(model, val: List[dict], recipe: LoraRecipe, device: torch.devi
     return total / count
 
 
-def _linear_warmup(warmup: int, total: int):
-    # transformers' get_linear_schedule_with_warmup: 0 -> lr over `warmup` steps, then down to 0 at `total`.
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
-class _NoScaler:
-    def scale(self, loss):
-        return loss
-
-    def unscale_(self, optimizer):
-        pass
-
-    def step(self, optimizer):
-        optimizer.step()
-
-    def update(self):
-        pass
-
-
-def _precision(precision: str, device: torch.device):
-    """(autocast context factory, gradient scaler) for fp32 / fp16 / bf16 training."""
+def _autocast(precision: str, device: torch.device):
+    """A context factory: fp16 / bf16 autocast on the device, or nothing for fp32."""
     if precision == "fp32":
-        return _null_context, _NoScaler()
+        return contextlib.nullcontext
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=dtype)
-
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else _NoScaler()
-    return autocast, scaler
-
-
-class _null_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _lora_state(model) -> Dict[str, torch.Tensor]:
