@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Callable, Tuple, Type, TypeVar, Union
 
+import reprlib
+
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError, WrapValidator, model_validator
 
@@ -34,7 +36,7 @@ class Model(BaseModel):
     @classmethod
     def _named_keys(cls, data):
         if not isinstance(data, dict):
-            raise ValueError(f"must be a mapping, got {data!r}")
+            raise ValueError(f"must be a mapping, got {shown(data)}")
         if cls.model_config.get("extra") == "forbid":
             unknown = [str(k) for k in data if k not in cls.model_fields]
             if unknown:
@@ -51,12 +53,21 @@ def explained(message: str) -> WrapValidator:
         try:
             return handler(value)
         except ValidationError:
-            raise ValueError(f"{message}, got {value!r}") from None
+            raise ValueError(f"{message}, got {shown(value)}") from None
     return WrapValidator(wrap)
 
 
 # A number as YAML writes one: an int or a float, never a bool or a numeric string.
 Num = Annotated[Union[StrictInt, StrictFloat], explained("must be a number")]
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+
+
+def shown(value) -> str:
+    """The offending value, cut short: a whole block pasted into the error line would bury it."""
+    return _SHOWN.repr(value)
 
 
 def is_num(value) -> bool:
@@ -83,7 +94,7 @@ def describe(exc: ValidationError) -> str:
     elif error["type"] == "extra_forbidden":
         loc, message = loc[:-1], f"unknown key {loc[-1]}"
     else:
-        message = f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {error['input']!r}"
+        message = f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {shown(error['input'])}"
     path = ".".join(str(part) for part in loc)
     return " ".join((f"{path}: {message}" if path else message).split("\n"))
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, model_validator
 
 from methods.errors import UsageError
-from repro.schema import Model, Num, SchemaError, explained, is_num, read_yaml, validate
+from repro.schema import Model, Num, SchemaError, explained, is_num, read_yaml, shown, validate
 from repro.tolerance import PPL_REL_DEFAULT
 
 TABLES = Path(__file__).resolve().parent / "tables"
@@ -203,10 +203,10 @@ class Point(Model):
     def _forms(cls, raw):
         if isinstance(raw, list):
             if len(raw) != 2 or not all(is_num(v) for v in raw):
-                raise ValueError(f"a point is [x, y], got {raw!r}")
+                raise ValueError(f"a point is [x, y], got {shown(raw)}")
             return {"x": raw[0], "y": raw[1]}
         if not isinstance(raw, dict) or "y" not in raw or not set(raw) <= {"x", "y", "band"}:
-            raise ValueError(f"a reading is [x, y] or {{x, y, band}}, got {raw!r}")
+            raise ValueError(f"a reading is [x, y] or {{x, y, band}}, got {shown(raw)}")
         return raw
 
     def reading(self, band) -> Reading:
