@@ -195,8 +195,7 @@ def cmd_repro(args) -> int:
 
 def cmd_diff(args) -> int:
     from repro import diff as differ
-    from repro.figures import report_figures
-    from repro.tables import available_methods, load_profile, table_path
+    from repro.tables import available_methods, load_profile
 
     if args.all == bool(args.method):
         raise UsageError("give a method or --all (not both)")
@@ -210,13 +209,7 @@ def cmd_diff(args) -> int:
             raise UsageError(f"no results under {args.results_dir}")
     failed = False
     for method, profile in targets:
-        table = load_profile(method, profile)
-        results = differ.load_results(args.results_dir, profile, method)
-        cells = differ.diff_cells(table, results)
-        claims = differ.diff_claims(table, args.results_dir, method)
-        print(differ.render(method, table, cells, claims) + "\n")
-        failed |= differ.failed(cells, claims)
-        failed |= report_figures(method, profile, args.results_dir, table_path(method), plots=not args.no_plots)
+        failed |= differ.report(method, load_profile(method, profile), args.results_dir, plots=not args.no_plots)
     return 1 if failed else 0
 
 

@@ -16,19 +16,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import yaml
+from pydantic import BeforeValidator, Field
 
 import methods
 from methods.errors import UsageError
 from repro import diff as differ
-from repro.figures import report_figures
 from repro.models import load_model
 from repro.provenance import provenance
 from repro.results import read_json, write_json_atomic
+from repro.schema import Model, read_yaml, validate
 from repro.tables import Profile, load_profile
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -61,18 +61,47 @@ class Recipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class RecipeCalibration(Model):
+    spec: str                        # a dataset spec or file, as `lpc prune --calib` takes it
+    nsamples: Annotated[int, Field(gt=0)]
+    seqlen: Annotated[int, Field(gt=0)]
+    seed: Optional[int] = None
+
+
+class RecipeProfile(Model):
+    """One profile of repro/recipes/<method>.yaml: what to load, how to calibrate, the rows to run."""
+    # Absent keys stay absent (the run's defaults apply): the config is part of every row's fingerprint.
+    model: str
+    revision: Optional[str] = None
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+    batch_size: Optional[Annotated[int, Field(gt=0)]] = None
+    limit: Optional[Annotated[int, Field(gt=0)]] = None   # lm-eval examples per task (smoke runs)
+    calibration: Optional[RecipeCalibration] = None
+    recovery: Optional[Dict[str, Any]] = None             # training.recover checks its own keys
+    table: Optional[str] = None                           # a table file, relative to the recipe
+    # row id -> method options ({} for the dense row); methods.make_options checks them
+    rows: Annotated[Dict[str, Annotated[Dict[str, Any], BeforeValidator(lambda v: {} if v is None else v)]],
+                    Field(min_length=1)]
+
+
+class RecipeFile(Model):
+    method: Optional[str] = None
+    table: Optional[str] = None                           # the table's name (default: the method)
+    profiles: Dict[str, Any]                              # validated one at a time, as a run reads one
+
+
 def load_recipe(method: str, profile: str, path: Optional[Path] = None) -> Recipe:
     path = Path(path) if path else RECIPES / f"{method}.yaml"
     if not path.is_file():
         raise UsageError(f"no recipe for method {method!r} ({path})")
-    data = yaml.safe_load(path.read_text()) or {}
-    profiles = data.get("profiles", {})
-    if profile not in profiles:
-        raise UsageError(f"recipe {path.name} has no profile {profile!r}; it has {', '.join(profiles)}")
-    raw = dict(profiles[profile])
-    rows = {str(k): dict(v or {}) for k, v in raw.pop("rows").items()}
-    table = path.parent / raw.pop("table", f"../tables/{data.get('table', method)}.yaml")
-    return Recipe(data.get("method", method), profile, raw, rows, table.resolve())
+    data = validate(RecipeFile, read_yaml(path, "recipe") or {}, path.name)
+    if profile not in data.profiles:
+        raise UsageError(f"recipe {path.name} has no profile {profile!r}; it has {', '.join(data.profiles)}")
+    raw = validate(RecipeProfile, data.profiles[profile], f"{path.name}:{profile}")
+    config = raw.model_dump(exclude_unset=True, exclude={"rows", "table"})
+    table = path.parent / (raw.table or f"../tables/{data.table or method}.yaml")
+    return Recipe(data.method or method, profile, config, raw.rows, table.resolve())
 
 
 def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[str]] = None,
@@ -105,13 +134,7 @@ def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[st
             log(f"[{method}/{profile}] {row}: {json.dumps(result['metrics'])}")
         if row == DENSE and dense_gate:
             _check_dense(table, read_json(path), log)
-    results = differ.load_results(results_root, profile, method)
-    table.rows = {r: cells for r, cells in table.rows.items() if r in selected}
-    cells = differ.diff_cells(table, results)
-    claims = differ.diff_claims(table, results_root, method)
-    log(differ.render(method, table, cells, claims))
-    figures_failed = report_figures(method, profile, results_root, recipe.table, plots=True, rows=selected, log=log)
-    return not (differ.failed(cells, claims) or figures_failed)
+    return not differ.report(method, table, results_root, rows=selected, plots=True, log=log)
 
 
 def _select_rows(recipe: Recipe, rows: Optional[List[str]]) -> List[str]:
@@ -139,8 +162,7 @@ def _finished(path: Path, fingerprint: str) -> bool:
 def _check_dense(table: Profile, result: dict, log) -> None:
     if DENSE not in table.rows:
         return
-    dense_only = Profile(**{**table.__dict__, "rows": {DENSE: table.rows[DENSE]}})
-    cells = differ.diff_cells(dense_only, {DENSE: result})
+    cells = differ.diff_cells(table, {DENSE: result}, rows=[DENSE])
     bad = [c for c in cells if c.status in differ.FAILING]
     if bad:
         detail = "; ".join(f"{c.metric}: ours {c.ours} vs {c.reference} (±{c.tolerance})" for c in bad)

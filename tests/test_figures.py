@@ -1,4 +1,5 @@
-"""Figures as data (repro/figures.py): schema, pointwise bands, claims, plots, and `lpc diff` on them."""
+"""Figures as data (repro/tables.py schema, repro/figures.py curves, repro/diff.py statuses and claims):
+schema, pointwise bands, claims, plots, and `lpc diff` on them."""
 from __future__ import annotations
 
 import copy
@@ -12,9 +13,9 @@ import pytest
 import yaml
 
 from methods.errors import UsageError
-from repro import figures
+from repro import diff, figures
 from repro.cli import main
-from repro.tables import TABLES
+from repro.tables import TABLES, load_profile, parse_profile
 from tests.conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,7 +37,7 @@ def good_figure() -> dict:
 def parse(figure: dict, **profile_changes) -> dict:
     raw = profile_with(figure)
     raw.update(profile_changes)
-    return figures.parse_figures(raw, "t.yaml:p")
+    return parse_profile(raw, "t.yaml:p").figures
 
 
 # ----------------------------------------------------------------------------- schema
@@ -63,7 +64,7 @@ def _break(path, value):
 
 
 BAD_FIGURES = [
-    (_break(("series",), {}), "non-empty `series`"),
+    (_break(("series",), {}), "series: dictionary should have at least 1 item"),
     (_break(("referense",), "paper"), "unknown key referense"),
     (_break(("series", "bi", "collection"), [[0]]), r"a point is \[x, y\]"),
     (_break(("series", "bi", "collection"), [{"x": [3, 1], "y": 1}]), "runs backwards"),
@@ -71,13 +72,14 @@ BAD_FIGURES = [
     (_break(("series", "bi", "band"), -1), "band must be"),
     (_break(("series", "bi", "band"), {"pct": 1}), "band must be"),
     (_break(("series", "bi", "ours"), {"row": "nope", "field": "prune.x"}), "lacks"),
-    (_break(("series", "bi", "ours"), {"row": "bi"}), "needs row and field"),
-    (_break(("series", "bi", "ours", "transform"), "log10"), "transform must be"),
+    (_break(("series", "bi", "ours"), {"row": "bi"}), "ours: lacks field"),
+    (_break(("series", "bi", "ours", "transform"), "log10"), "transform: input should be 'ln', got 'log10'"),
+    (_break(("series", "bi", "ours", "x_offset"), "1"), "x_offset: must be a number, got '1'"),
     (_break(("series", "bi", "axis"), "right"), "not declared"),
     (_break(("reference",), "reference"), "gating column 'reference' has no readings"),
     (_break(("sources",), {"paper": "nowhere"}), "names source 'nowhere'"),
     (_break(("claims",), [{"id": "c", "text": "t", "of": {"row": "bi", "field": "f"}, "op": "median",
-                           "expect": [1]}]), "op must be one of"),
+                           "expect": [1]}]), "op: input should be 'argmax'"),
     (_break(("claims",), [{"id": "c", "text": "t", "of": {"row": "bi", "field": "f"}, "op": "set",
                            "expect": []}]), "expect must be"),
     (_break(("claims",), [{"id": "c", "text": "t", "of": {"row": "bi", "field": "f"}, "op": "set",
@@ -89,7 +91,7 @@ BAD_FIGURES = [
 def test_bad_figure_data_is_one_usage_error_line(breaker, message):
     with pytest.raises(UsageError, match=message) as info:
         parse(breaker(good_figure()))
-    assert "\n" not in str(info.value) and str(info.value).startswith("t.yaml:p: figure 'fig'")
+    assert "\n" not in str(info.value) and str(info.value).startswith("t.yaml:p: figures.fig")
 
 
 def test_lpc_diff_reports_a_broken_figure_as_one_line(tmp_path, monkeypatch, capsys):
@@ -100,14 +102,13 @@ def test_lpc_diff_reports_a_broken_figure_as_one_line(tmp_path, monkeypatch, cap
     (tmp_path / "results" / "smoke" / "shortgpt").mkdir(parents=True)
     assert main(["diff", "shortgpt", "--results-dir", str(tmp_path / "results")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("lpc: error: shortgpt.yaml:smoke: figure 'fig'") and "\n" not in err
+    assert err.startswith("lpc: error: shortgpt.yaml:smoke: figures.fig.series.bi.collection.0") and "\n" not in err
 
 
 @pytest.mark.parametrize("method", DEPTH_METHODS)
 def test_every_stored_figure_parses(method):
     data = yaml.safe_load((TABLES / f"{method}.yaml").read_text())
-    for profile in data["profiles"]:
-        figures.load_figures(TABLES / f"{method}.yaml", profile)
+    assert any(load_profile(method, profile).figures for profile in data["profiles"])
 
 
 # ----------------------------------------------------------------------------- bands
@@ -160,15 +161,28 @@ def test_a_relative_band_scales_with_the_reading():
 
 def test_claims_on_curves_and_sets():
     source = figures.Source(row="r", field="f", x_offset=16)
-    assert figures.check_claim("argmax", source, [0.4, 0.6, 0.5], [17]) == (True, "x=17 (y=0.6)")
-    assert not figures.check_claim("argmin", source, [0.4, 0.6, 0.5], [17])[0]
+    assert diff.check_claim("argmax", source, [0.4, 0.6, 0.5], [17]) == (True, "x=17 (y=0.6)")
+    assert not diff.check_claim("argmin", source, [0.4, 0.6, 0.5], [17])[0]
     bi = figures.Source(row="r", field="f")
-    assert figures.check_claim("top", bi, [0.9, 0.1, 0.2, 0.8], [0, -1])[0]
-    assert not figures.check_claim("top", bi, [0.9, 0.1, 0.85, 0.8], [0, -1])[0]
-    assert figures.check_claim("bottom", bi, [0.9, 0.1, 0.2, 0.8], [2, 1])[0]
-    assert figures.check_claim("set", None, [23, 21, 22], [21, 22, 23])[0]
-    assert not figures.check_claim("set", None, [21, 22], [21, 22, 23])[0]
-    assert figures.check_claim("argmax", bi, [None, 0.3, None], [1])[0]   # non-finite scores sit out
+    assert diff.check_claim("top", bi, [0.9, 0.1, 0.2, 0.8], [0, -1])[0]
+    assert not diff.check_claim("top", bi, [0.9, 0.1, 0.85, 0.8], [0, -1])[0]
+    assert diff.check_claim("bottom", bi, [0.9, 0.1, 0.2, 0.8], [2, 1])[0]
+    assert diff.check_claim("set", None, [23, 21, 22], [21, 22, 23])[0]
+    assert not diff.check_claim("set", None, [21, 22], [21, 22, 23])[0]
+    assert diff.check_claim("argmax", bi, [None, 0.3, None], [1])[0]   # non-finite scores sit out
+
+
+def test_one_status_logic_for_table_and_figure_claims():
+    failure = {"reason": "measured otherwise"}
+    expected = parse_profile({"model": "m", "claims": [{"id": "c", "text": "t", "lhs": {"row": "a", "metric": "m"},
+                              "op": "<", "rhs": {"row": "b", "metric": "m"}, "expected_failure": failure}]},
+                             "t.yaml:p").claims[0].expected_failure
+    assert diff.claim_status(True, None) == ("PASS", "")
+    assert diff.claim_status(False, None) == ("FAIL", "claim does not hold")
+    assert diff.claim_status(False, expected) == ("XFAIL", "measured otherwise")
+    assert diff.claim_status(True, expected)[0] == "XPASS"
+    assert diff.failed(["PASS", "XFAIL", "XPASS", "PENDING", "NOREF", "OFF", "KNOWN"]) is False
+    assert diff.failed(["PASS", "MISSING"]) and diff.failed(["FAIL"])
 
 
 # ----------------------------------------------------------------------------- the paper figures
@@ -190,30 +204,31 @@ def write_result(root: Path, profile: str, method: str, row: str, **fields):
 
 
 def test_the_collection_fig3_passes_against_itself_and_a_moved_point_fails(tmp_path, capsys):
-    fig = figures.load_figures(TABLES / "shortgpt.yaml", "paper")["fig3"]
+    table = load_profile("shortgpt", "paper")
+    fig = table.figures["fig3"]
     bi = curve_from(fig.series["bi"].columns["collection"], range(32))
     ppl = curve_from(fig.series["ppl"].columns["collection"], range(32))
     write_result(tmp_path, "paper", "shortgpt", "bi", scores={"block_influence": bi},
                  layers_removed=list(range(21, 30)))
     write_result(tmp_path, "paper-llama2", "minitron-depth", "pg19-n1", scores={"candidates": ppl})
-    report = figures.diff_figures("shortgpt", "paper", tmp_path, path=TABLES / "shortgpt.yaml")
+    report = diff.diff_profile("shortgpt", table, tmp_path)
     gating = {d.series: d.status for d in report.series if d.gating}
     assert gating == {"bi": "PASS", "ppl": "PASS"}
-    assert [c.status for c in report.claims] == ["PASS", "PASS"]
+    assert [c.status for c in report.figure_claims] == ["PASS", "PASS"]
     # The paper's own readings are shown but do not gate (its L31 ppl is 16, the collection's 12.8).
     assert {d.status for d in report.series if not d.gating} == {"OFF"}
 
     bi[27] += 0.02  # one layer off by four reading precisions
     write_result(tmp_path, "paper", "shortgpt", "bi", scores={"block_influence": bi},
                  layers_removed=list(range(21, 30)))
-    report = figures.diff_figures("shortgpt", "paper", tmp_path, path=TABLES / "shortgpt.yaml")
+    report = diff.diff_profile("shortgpt", table, tmp_path)
     bad = next(d for d in report.series if d.gating and d.series == "bi")
     assert bad.status == "FAIL" and bad.worst_x == 27 and bad.reading == "[0.036, 0.04]"
-    assert figures.failed(report)
+    assert report.failed
 
 
 def test_the_collection_minitron_readings_satisfy_the_claims_they_support():
-    figs = figures.load_figures(TABLES / "minitron-depth.yaml", "paper")
+    figs = load_profile("minitron-depth", "paper").figures
     for figure_key, claim_id, series_key in (("winogrande", "best-16-block-ends-at-31", "drop16"),
                                             ("wikitext", "drop16-best-block-ends-at-24", "n16"),
                                             ("wikitext", "drop1-first-layer-costs-most", "n1")):
@@ -227,19 +242,20 @@ def test_the_collection_minitron_readings_satisfy_the_claims_they_support():
         for x, y in zip(xs, values):
             grid[int(x - min(xs))] = y
         source = figures.Source(row="r", field="f", x_offset=min(xs))
-        assert figures.check_claim(claim.op, source, grid, claim.expect)[0], claim_id
+        assert diff.check_claim(claim.op, source, grid, claim.expect)[0], claim_id
 
 
 def test_missing_own_rows_fail_and_other_methods_rows_wait(tmp_path):
-    report = figures.diff_figures("shortgpt", "paper", tmp_path, path=TABLES / "shortgpt.yaml")
+    table = load_profile("shortgpt", "paper")
+    report = diff.diff_profile("shortgpt", table, tmp_path)
     status = {d.series: d.status for d in report.series}
     assert status == {"bi": "MISSING", "ppl": "PENDING"}
-    assert {c.status for c in report.claims} == {"PENDING"}
-    assert figures.failed(report)
+    assert {c.status for c in report.figure_claims} == {"PENDING"}
+    assert diff.failed(d.status for d in report.series)
     # The runner passes the rows it ran: a series of a row not run this time is left out.
-    report = figures.diff_figures("shortgpt", "paper", tmp_path, path=TABLES / "shortgpt.yaml",
-                                  rows=["dense"])
-    assert [d.series for d in report.series] == ["ppl"] and not figures.failed(report)
+    report = diff.diff_profile("shortgpt", table, tmp_path, rows=["dense"])
+    assert [d.series for d in report.series] == ["ppl"] and not diff.failed(d.status for d in report.series)
+    assert {d.row for d in report.cells} == {"dense"}
 
 
 # ----------------------------------------------------------------------------- plots and lpc diff
@@ -268,7 +284,7 @@ def test_lpc_diff_on_committed_smoke_results_passes_and_plots(method, tmp_path, 
     assert code == 0, out
     assert "figures summary" in out and not re.search(r"\|\s*(FAIL|MISSING)\s*\|", out)
     plots = sorted((root / "smoke" / method / "figures").glob("*.png"))
-    listed = set(figures.load_figures(TABLES / f"{method}.yaml", "smoke"))
+    listed = set(load_profile(method, "smoke").figures)
     assert {p.stem for p in plots} == listed and listed
     for plot in plots:
         assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 1000

@@ -216,3 +216,23 @@ def test_an_unknown_task_in_a_table_is_refused(tmp_path, capsys):
     code = main(repro_args(recipe, tmp_path / "results"))
     err = capsys.readouterr().err
     assert code == 2 and "unknown lm-eval task" in err and "no_such_task_xyz" in err, err
+
+
+@pytest.mark.parametrize("file,edit,message", [
+    ("recipe", lambda raw: raw["profiles"]["golden"].update(calibraton={}),
+     "magnitude.yaml:golden: unknown key calibraton (expected model, "),
+    ("recipe", lambda raw: raw["profiles"]["golden"]["calibration"].update(nsamples=0),
+     "magnitude.yaml:golden: calibration.nsamples: input should be greater than 0, got 0"),
+    ("table", lambda raw: raw["profiles"]["golden"]["metrics"]["ppl"].pop("protocol"),
+     "golden.yaml:golden: metrics.ppl: perplexity metric lacks protocol"),
+])
+def test_a_schema_error_stops_repro_with_one_line(tmp_path, capsys, file, edit, message):
+    recipe = write_recipe(tmp_path, rows=("dense",))
+    path = recipe if file == "recipe" else tmp_path / "tables" / "golden.yaml"
+    raw = yaml.safe_load(path.read_text())
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw))
+    assert main(repro_args(recipe, tmp_path / "results")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lpc: error: " + message) and err.count("\n") == 1, err
+    assert not (tmp_path / "results").exists()  # refused before any model is loaded
