@@ -4,7 +4,8 @@
 
 prunes `model` in place and returns a JSON-able report (per-Linear sparsity, timings, what the
 method chose). `methods.REGISTRY` lists what is implemented; each entry names its options type,
-whose fields are the method's validated options.
+a frozen pydantic dataclass whose fields declare the method's options and their constraints
+(methods/options.py).
 """
 from __future__ import annotations
 
@@ -65,20 +66,19 @@ def get(name: str) -> Method:
 
 
 def make_options(method: Method, values: Dict[str, Any]):
-    """Build the method's options from a dict, refusing keys the method does not take."""
-    fields = {f.name for f in dataclasses.fields(method.options_type)}
-    unknown = sorted(set(values) - fields)
+    """Build and validate the method's options from a dict; any refusal is one UsageError line."""
+    from pydantic import ValidationError
+
+    from methods.options import declared, one_line
+
+    fields = declared(method.options_type)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UsageError(f"method {method.name!r} takes no option {', '.join(unknown)}")
     try:
-        options = method.options_type(**values)
-    except TypeError as exc:  # a required option is missing
-        raise UsageError(f"method {method.name!r}: {exc}".replace("__init__() ", "")) from None
-    if hasattr(options, "pattern"):
-        options.pattern()  # options validate themselves when their pattern is built
-    if hasattr(options, "validate"):
-        options.validate()
-    return options
+        return method.options_type(**values)
+    except ValidationError as exc:
+        raise UsageError(f"method {method.name!r}: {one_line(exc, fields)}") from None
 
 
 def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
