@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from methods.anatomy import check_llama_like, compute_device, overall_sparsity, sparsity_by_module
 from methods.errors import UsageError
+from methods.options import declared, one_line
 
 # Names the architecture reserves for methods that later work adds.
 PLANNED = ("sheared",)
@@ -67,10 +69,6 @@ def get(name: str) -> Method:
 
 def make_options(method: Method, values: Dict[str, Any]):
     """Build and validate the method's options from a dict; any refusal is one UsageError line."""
-    from pydantic import ValidationError
-
-    from methods.options import declared, one_line
-
     fields = declared(method.options_type)
     unknown = sorted(set(values) - set(fields))
     if unknown:

@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 
 # Strict, so that a bool is not taken for an int nor a string for a number (recipes and
 # --option values are YAML, which already gives real types); an int still fills a float field.
+# Unknown keyword arguments are refused rather than ignored (pydantic's default for dataclasses).
 STRICT = ConfigDict(strict=True, extra="forbid")
 
 # The decorator of every method's `Options` (and of a subclass, which pydantic needs decorated too).
@@ -40,7 +41,7 @@ def _say(error: dict, fields: Dict[str, FieldInfo]) -> str:
     kind, context = error["type"], error.get("ctx", {})
     name = str(error["loc"][0]) if error["loc"] else None
     got = f", got {error.get('input')!r}"
-    if kind in ("value_error", "assertion_error"):
+    if kind in ("value_error", "assertion_error") or name is None:
         # A model validator's own sentence; it names its options itself.
         reason = str(context.get("error", error["msg"]))
         return reason if name is None else f"option {name}: {reason}"
@@ -52,7 +53,9 @@ def _say(error: dict, fields: Dict[str, FieldInfo]) -> str:
     if kind == "literal_error":
         return f"option {name} must be {context['expected']}{got}"
     if kind == "string_too_short":
-        return f"option {name} must have at least {context['min_length']} character(s){got}"
+        length = context["min_length"]
+        need = "not be empty" if length == 1 else f"have at least {length} characters"
+        return f"option {name} must {need}{got}"
     if kind in _KINDS:
         return f"option {name} must be {_KINDS[kind]}{got}{_about(fields.get(name))}"
     message = error["msg"][:1].lower() + error["msg"][1:]

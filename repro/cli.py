@@ -225,8 +225,9 @@ def _read_value(text: str, field) -> Any:
     """A method option's value from the command line: YAML, unless the declared type reads the text better.
 
     YAML 1.1 reads 2:4 and 4:30 as base-60 integers and 1e-3 as a string. Where the YAML value does
-    not fit the option's declared type but the text does (pydantic's own conversion), the text's
-    reading is taken; otherwise the YAML value goes on to be refused with the declaration's message.
+    not fit the option's declared type, a string option takes the text as it is, and text that YAML
+    left a string is converted by pydantic (1e-3 for a float); anything else keeps its YAML value,
+    to be refused with the declaration's message (1 stays an integer for a true/false option).
     """
     import yaml
     from pydantic import TypeAdapter, ValidationError
@@ -239,15 +240,19 @@ def _read_value(text: str, field) -> Any:
         value = text
     if field is None:
         return value
-    try:
-        TypeAdapter(field.annotation, config=STRICT).validate_python(value)
-        return value
-    except ValidationError:
-        pass
-    try:
-        return TypeAdapter(field.annotation).validate_python(text)
-    except ValidationError:
-        return value
+    strict = TypeAdapter(field.annotation, config=STRICT)
+    for candidate in (value, text):
+        try:
+            strict.validate_python(candidate)
+            return candidate
+        except ValidationError:
+            pass
+    if isinstance(value, str):
+        try:
+            return TypeAdapter(field.annotation).validate_python(text)
+        except ValidationError:
+            pass
+    return value
 
 
 def cmd_repro(args) -> int:

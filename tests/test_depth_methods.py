@@ -280,7 +280,7 @@ def test_minitron_depth_options():
         make(remove_layers=1, limit=0)
     with pytest.raises(UsageError, match="option batch_size must be an integer, got 2.0"):
         make(remove_layers=1, batch_size=2.0)
-    with pytest.raises(UsageError, match="option score must have at least 1 character, got ''"):
+    with pytest.raises(UsageError, match="option score must not be empty, got ''"):
         make(remove_layers=1, score="")
     with pytest.raises(UsageError, match="^method 'minitron-depth': option remove_layers is required"):
         make(score="ppl")

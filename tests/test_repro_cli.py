@@ -244,7 +244,9 @@ def test_flag_help_names_each_method_with_its_declaration():
      {"criterion": "taylor", "remove_layers": 3, "plus_heuristic": False}),
     (["--method", "shortgpt", "--remove-layers", "3", "--variant", "random", "--option", "seed=7"],
      {"remove_layers": 3, "variant": "random", "seed": 7}),
-    (["--method", "wanda", "--sparsity-ratio", "true"], {"sparsity_ratio": True}),  # refused later, as a bool
+    # Refused later with the declaration's message: a bool for a ratio, an int for a true/false option.
+    (["--method", "wanda", "--sparsity-ratio", "true"], {"sparsity_ratio": True}),
+    (["--method", "flap", "--option", "exact_fluctuation=1"], {"exact_fluctuation": 1}),
 ])
 def test_command_line_values_keep_their_types(argv, expected):
     import methods
