@@ -4,7 +4,8 @@
 
 prunes `model` in place and returns a JSON-able report (per-Linear sparsity, timings, what the
 method chose). `methods.REGISTRY` lists what is implemented; each entry names its options type,
-whose fields are the method's validated options.
+a frozen pydantic dataclass whose fields declare the method's options and their constraints
+(methods/options.py).
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from methods.anatomy import check_llama_like, compute_device, overall_sparsity, sparsity_by_module
 from methods.errors import UsageError
+from methods.options import declared, one_line
 
 # Names the architecture reserves for methods that later work adds.
 PLANNED = ("sheared",)
@@ -65,20 +68,15 @@ def get(name: str) -> Method:
 
 
 def make_options(method: Method, values: Dict[str, Any]):
-    """Build the method's options from a dict, refusing keys the method does not take."""
-    fields = {f.name for f in dataclasses.fields(method.options_type)}
-    unknown = sorted(set(values) - fields)
+    """Build and validate the method's options from a dict; any refusal is one UsageError line."""
+    fields = declared(method.options_type)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UsageError(f"method {method.name!r} takes no option {', '.join(unknown)}")
     try:
-        options = method.options_type(**values)
-    except TypeError as exc:  # a required option is missing
-        raise UsageError(f"method {method.name!r}: {exc}".replace("__init__() ", "")) from None
-    if hasattr(options, "pattern"):
-        options.pattern()  # options validate themselves when their pattern is built
-    if hasattr(options, "validate"):
-        options.validate()
-    return options
+        return method.options_type(**values)
+    except ValidationError as exc:
+        raise UsageError(f"method {method.name!r}: {one_line(exc, fields)}") from None
 
 
 def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,

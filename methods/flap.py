@@ -47,43 +47,41 @@ Calibration in the original: WikiText-2 train joined with " ", 1024 random 128-t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Annotated, List, Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from methods import surgery, width_stats
 from methods.anatomy import decoder_layers
 from methods.calibration import LayerInputs, gather_inputs, sequential_layers
 from methods.errors import UsageError
+from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
 
 NAME = "flap"
-METRICS = ("WIFV", "IFV", "WIFN")
-STRUCTURES = ("AL-AM", "UL-UM")
-HEAD_WEIGHTS = ("generalized", "literal")
 LITERAL_HEAD_WEIGHT = 512.0 / 3
 ATTN, MLP = "self_attn.o_proj", "mlp.down_proj"
 
 
-@dataclass(frozen=True)
+@method_options
 class Options:
-    pruning_ratio: Optional[float] = None
-    metrics: str = "WIFV"                 # WIFV | IFV | WIFN
-    structure: str = "AL-AM"              # AL-AM (global, adaptive) | UL-UM (uniform per layer)
-    bias_compensation: bool = True        # add the removed channels' mean contribution as a bias
-    head_weight: str = "generalized"      # AL-AM cost of an attention unit: generalized | literal (512/3)
-    exact_head_weight: bool = False       # False: truncated to an integer, as the original's int64 tensor
-    exact_fluctuation: bool = False       # False: the original's aliased "old" mean (see the docstring)
-
-    def validate(self) -> None:
-        width_stats.check_ratio(NAME, self.pruning_ratio)
-        width_stats.check_choice(NAME, "metric", self.metrics, METRICS)
-        width_stats.check_choice(NAME, "structure", self.structure, STRUCTURES)
-        width_stats.check_choice(NAME, "head_weight", self.head_weight, HEAD_WEIGHTS)
-        for name in ("bias_compensation", "exact_head_weight", "exact_fluctuation"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"{NAME}: {name} must be true or false, got {getattr(self, name)!r}")
+    pruning_ratio: Annotated[float, Field(
+        gt=0, lt=1, description="fraction of the attention units and MLP channels removed, weighed by "
+                                "parameters across layers (AL-AM) or in every layer (UL-UM)")]
+    metrics: Annotated[Literal["WIFV", "IFV", "WIFN"], Field(description="channel metric")] = "WIFV"
+    structure: Annotated[Literal["AL-AM", "UL-UM"], Field(
+        description="AL-AM: one adaptive threshold across layers; UL-UM: the same ratio in every layer")] = "AL-AM"
+    bias_compensation: Annotated[bool, Field(
+        description="add the removed channels' mean contribution as a bias")] = True
+    head_weight: Annotated[Literal["generalized", "literal"], Field(
+        description="AL-AM cost of an attention unit: its parameters over an MLP channel's, or the original's 512/3")
+    ] = "generalized"
+    exact_head_weight: Annotated[bool, Field(
+        description="keep the head weight's fraction (the original truncates it to an integer)")] = False
+    exact_fluctuation: Annotated[bool, Field(
+        description="textbook Welford update instead of the original's aliased running mean")] = False
 
 
 class InputFluctuation:

@@ -56,14 +56,16 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Annotated, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from methods import surgery
 from methods.anatomy import decoder_layers
 from methods.errors import UsageError
+from methods.options import method_options
 
 # importance name -> (criterion, variant): the original's --pruner_type / --taylor.
 IMPORTANCE = {
@@ -75,46 +77,44 @@ IMPORTANCE = {
     "l1": ("magnitude", 1),
     "random": ("random", None),
 }
-MODES = ("block", "channel")
 GRAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-GQA_IMPORTANCE = ("strided", "grouped")
 DEFAULT_LAYERS = "4:30"  # the scripts' block_{attention,mlp}_layer_{start,end} (the code default is 3:31)
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-@dataclass(frozen=True)
+@method_options
 class Options:
-    pruning_ratio: float
-    importance: str = "element1"
-    layers: Optional[str] = None        # "START:END" (end exclusive); block mode only, default 4:30
-    mode: str = "block"
-    grad_dtype: str = "float32"
-    gqa_importance: str = "strided"
+    pruning_ratio: Annotated[float, Field(
+        gt=0, lt=1, description="fraction of every pruned group's channels (heads, MLP or hidden) removed")]
+    importance: Annotated[Literal["element1", "element2", "vector", "param_mix", "l2", "l1", "random"], Field(
+        description="channel importance: Taylor (element1, element2, vector, param_mix), magnitude or random")
+    ] = "element1"
+    # YAML reads an unquoted 4:30 as the base-60 integer 270: a range is a string, quoted in YAML.
+    layers: Annotated[Optional[str], Field(
+        description="START:END, the decoder layers pruned in block mode, end exclusive; default 4:30")] = None
+    mode: Annotated[Literal["block", "channel"], Field(
+        description="block: heads and MLP channels of each layer; channel: the hidden size of the whole model")
+    ] = "block"
+    grad_dtype: Annotated[Literal["model", "float32", "float16", "bfloat16"], Field(
+        description="dtype of the gradients and scores ('model': the loaded dtype)")] = "float32"
+    gqa_importance: Annotated[Literal["strided", "grouped"], Field(
+        description="how query channels score a key/value group: the original's stride, or the removed heads")
+    ] = "strided"
 
-    def validate(self) -> None:
-        ratio = self.pruning_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise UsageError(f"pruning_ratio must be a number strictly between 0 and 1, got {ratio!r}")
-        if self.importance not in IMPORTANCE:
-            raise UsageError(f"unknown importance {self.importance!r}; use one of {', '.join(IMPORTANCE)}")
-        if self.mode not in MODES:
-            raise UsageError(f"unknown mode {self.mode!r}; use block or channel")
-        if self.grad_dtype not in GRAD_DTYPES:
-            raise UsageError(f"unknown grad_dtype {self.grad_dtype!r}; use one of {', '.join(GRAD_DTYPES)}")
-        if self.gqa_importance not in GQA_IMPORTANCE:
-            raise UsageError(f"unknown gqa_importance {self.gqa_importance!r}; use strided or grouped")
+    @model_validator(mode="after")
+    def _layers_fit_the_mode(self) -> "Options":
         if self.mode == "channel" and self.layers is not None:
-            raise UsageError("layers applies to block mode only: channel mode prunes the hidden size of every layer")
+            raise ValueError("layers applies to block mode only: channel mode prunes the hidden size of every layer")
         if self.mode == "block":
             self.layer_range()
+        return self
 
     def layer_range(self) -> Tuple[int, int]:
         """(start, end) of the layers to prune, checked for form only (the model is not known here)."""
         spec = DEFAULT_LAYERS if self.layers is None else self.layers
-        # YAML reads an unquoted 4:30 as the base-60 integer 270: only a string is a range.
-        match = _RANGE.match(spec) if isinstance(spec, str) else None
+        match = _RANGE.match(spec)
         if not match:
-            raise UsageError(f"layers must be a string 'START:END' (end exclusive), got {spec!r}")
+            raise UsageError(f"layers must be 'START:END' (end exclusive), got {spec!r}")
         start, end = int(match.group(1)), int(match.group(2))
         if start >= end:
             raise UsageError(f"layers {spec!r} is an empty range (END must be greater than START)")

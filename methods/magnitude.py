@@ -1,20 +1,21 @@
 """Magnitude pruning (the baseline of the Wanda paper): |W|, no calibration, no weight update."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from methods.anatomy import prunable_linears
+from methods.options import method_options
 from methods.sparsity import SparseOptions, magnitude_mask
 
 
-@dataclass(frozen=True)
+@method_options
 class Options(SparseOptions):
-    # The original prunes int(ratio*numel)+1 entries plus ties; True prunes exactly int(ratio*numel).
-    exact_count: bool = False
+    exact_count: Annotated[bool, Field(description=(
+        "prune exactly int(ratio*numel) weights, not the original's int(ratio*numel)+1 plus ties"))] = False
 
 
 def prune(model: nn.Module, calib: Optional[torch.Tensor], options: Options, device: torch.device) -> dict:

@@ -24,43 +24,39 @@ Scorers (spec B 1.2, 1.3):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Annotated, Callable, List, Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from methods import depth, surgery
 from methods.errors import UsageError
+from methods.options import method_options
 
 PPL = "ppl"
-SELECT = ("closest", "best")
 
 
-@dataclass(frozen=True)
+@method_options
 class Options:
-    remove_layers: int
-    score: str = PPL
-    num_fewshot: int = 0
-    select: str = "closest"
-    limit: Optional[int] = None
-    batch_size: int = 1
+    remove_layers: Annotated[int, Field(ge=1, description="how many contiguous layers to remove")]
+    score: Annotated[str, Field(
+        min_length=1, description="ppl (calibration perplexity) or an lm-eval task scored by its acc")] = PPL
+    num_fewshot: Annotated[int, Field(ge=0, description="shots of the scoring task")] = 0
+    select: Annotated[Literal["closest", "best"], Field(
+        description="the block whose score is closest to the unpruned one (the collection), or the best")
+    ] = "closest"
+    limit: Annotated[Optional[int], Field(ge=1, description="examples of the scoring task (default: all)")] = None
+    batch_size: Annotated[int, Field(ge=1, description="lm-eval batch size of the scoring task")] = 1
 
-    def validate(self) -> None:
-        _check_int("remove_layers", self.remove_layers, 1)
-        _check_int("num_fewshot", self.num_fewshot, 0)
-        _check_int("batch_size", self.batch_size, 1)
-        if self.limit is not None:
-            _check_int("limit", self.limit, 1)
-        if self.select not in SELECT:
-            raise UsageError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
-        if not isinstance(self.score, str) or not self.score:
-            raise UsageError(f"score must be 'ppl' or an lm-eval task name, got {self.score!r}")
+    @model_validator(mode="after")
+    def _check_scorer(self) -> "Options":
         if self.score != PPL and self.score not in known_tasks():
-            raise UsageError(f"unknown scoring task {self.score!r}: not 'ppl' and not an lm-eval task "
+            raise ValueError(f"unknown scoring task {self.score!r}: not 'ppl' and not an lm-eval task "
                              "(nor one of the kit's repro/assets/tasks)")
         if self.score == PPL and (self.num_fewshot or self.limit is not None):
-            raise UsageError("num_fewshot and limit apply to a task scorer, not to score=ppl")
+            raise ValueError("num_fewshot and limit apply to a task scorer, not to score=ppl")
+        return self
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device,
@@ -119,8 +115,3 @@ def known_tasks() -> frozenset:
     except ImportError as exc:
         raise UsageError(f"scoring with an lm-eval task needs lm-eval 0.4.x: {exc}") from None
     return frozenset(TaskManager(include_path=[str(SMOKE_TASK_DIR)]).all_tasks)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")

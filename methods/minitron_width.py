@@ -33,33 +33,27 @@ num_heads / kv_heads heads; every key/value head stays. head_dim never changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Annotated, Dict, List, Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from methods import depth, surgery
 from methods.anatomy import decoder_layers
 from methods.errors import UsageError
+from methods.options import method_options
 
-AGGREGATIONS = ("collection", "nvidia")
 
-
-@dataclass(frozen=True)
+@method_options
 class Options:
-    hidden_size: int
-    ffn_hidden_size: int
-    aggregation: str = "collection"
-    num_heads: Optional[int] = None
-
-    def validate(self) -> None:
-        for name in ("hidden_size", "ffn_hidden_size") + (("num_heads",) if self.num_heads is not None else ()):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise UsageError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+    hidden_size: Annotated[int, Field(ge=1, description="hidden (residual) channels kept")]
+    ffn_hidden_size: Annotated[int, Field(ge=1, description="MLP channels kept in every layer")]
+    aggregation: Annotated[Literal["collection", "nvidia"], Field(
+        description="how activations are aggregated into importance: the collection's or NVIDIA's rule")
+    ] = "collection"
+    num_heads: Annotated[Optional[int], Field(
+        ge=1, description="query heads kept per layer, ranked inside each key/value group (default: all)")] = None
 
 
 class Importance:

@@ -19,52 +19,41 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Iterator, List, Sequence
+from typing import Annotated, Iterator, List, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from methods import surgery
 from methods.anatomy import decoder_layers
 from methods.depth import layers_skipped, on_device
 from methods.errors import UsageError
+from methods.options import method_options
 
-CRITERIA = ("ppl", "taylor")
-REDUCTIONS = ("sum", "mean", "max", "prod")
-GRADIENT_DTYPES = ("float32", "model")
 FIRST_KEPT = 4   # blocks 0..3 are never candidates under "+"
 LAST_KEPT = 2    # nor are the last two
 
 
-@dataclass(frozen=True)
-class Options:
-    criterion: str                   # ppl | taylor
-    remove_layers: int               # how many blocks to delete
-    plus_heuristic: bool = True      # keep blocks 0-3 and the last two out of the candidates
-    norm_power: int = 1              # taylor: p in |W * G|^p
-    weight_reduction: str = "sum"    # taylor: over a weight's rows (matrix) or entries (norm vector)
-    block_reduction: str = "sum"     # taylor: over a block's weight scores
-    # taylor: "float32" casts the model up for the backward pass (the original ran LLaMA-1 on the
-    # CPU in fp32); "model" keeps the loaded dtype (its --use_bfloat run on Llama-2 in bf16).
-    gradient_dtype: str = "float32"
+Reduction = Literal["sum", "mean", "max", "prod"]
 
-    def validate(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise UsageError(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
-        if isinstance(self.remove_layers, bool) or not isinstance(self.remove_layers, int) or self.remove_layers < 1:
-            raise UsageError(f"remove_layers must be an integer >= 1, got {self.remove_layers!r}")
-        if not isinstance(self.plus_heuristic, bool):
-            raise UsageError(f"plus_heuristic must be true or false, got {self.plus_heuristic!r}")
-        if isinstance(self.norm_power, bool) or not isinstance(self.norm_power, int) or self.norm_power < 1:
-            raise UsageError(f"norm_power must be an integer >= 1, got {self.norm_power!r}")
-        for name in ("weight_reduction", "block_reduction"):
-            if getattr(self, name) not in REDUCTIONS:
-                raise UsageError(f"{name} must be one of {', '.join(REDUCTIONS)}, got {getattr(self, name)!r}")
-        if self.gradient_dtype not in GRADIENT_DTYPES:
-            raise UsageError(f"gradient_dtype must be one of {', '.join(GRADIENT_DTYPES)}, "
-                             f"got {self.gradient_dtype!r}")
+
+@method_options
+class Options:
+    criterion: Annotated[Literal["ppl", "taylor"], Field(
+        description="block importance: perplexity without the block, or Taylor+ (first-order salience)")]
+    remove_layers: Annotated[int, Field(ge=1, description="how many blocks to delete")]
+    plus_heuristic: Annotated[bool, Field(
+        description="keep blocks 0-3 and the last two out of the candidates (the '+')")] = True
+    norm_power: Annotated[int, Field(ge=1, description="taylor: p in |W * G|^p")] = 1
+    weight_reduction: Annotated[Reduction, Field(
+        description="taylor: over a weight's rows (matrix) or entries (norm vector)")] = "sum"
+    block_reduction: Annotated[Reduction, Field(description="taylor: over a block's weight scores")] = "sum"
+    # The original ran LLaMA-1's Taylor analysis on the CPU in fp32, and Llama-2's (--use_bfloat) in
+    # the loaded bf16.
+    grad_dtype: Annotated[Literal["model", "float32", "float16", "bfloat16"], Field(
+        description="taylor: dtype of the backward pass ('model': the loaded dtype)")] = "float32"
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
@@ -150,7 +139,7 @@ def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options) -> Li
     weights = [[(name, p) for name, p in layer.named_parameters() if "weight" in name]
                for layer in decoder_layers(model)]
     scores = []
-    with _gradients(model, calib, [p for block in weights for _, p in block], options.gradient_dtype):
+    with _gradients(model, calib, [p for block in weights for _, p in block], options.grad_dtype):
         for block in weights:
             values = []
             for name, p in block:

@@ -32,41 +32,34 @@ the model's fp16/bf16, where the dot products of large hidden states can overflo
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Dict, List
+from typing import Annotated, Dict, List, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from methods import depth, surgery
 from methods.anatomy import decoder_layers
-from methods.errors import UsageError
-
-VARIANTS = ("collection", "unofficial", "random")
-METRICS = ("bi", "angular")
+from methods.options import method_options
 
 
-@dataclass(frozen=True)
+@method_options
 class Options:
-    remove_layers: int
-    variant: str = "collection"
-    metric: str = "bi"
-    seed: int = 0          # variant="random" only
+    remove_layers: Annotated[int, Field(ge=1, description="how many decoder layers to remove")]
+    variant: Annotated[Literal["collection", "unofficial", "random"], Field(
+        description="the collection's Block Influence, sramshetty/ShortGPT's, or a random draw")] = "collection"
+    metric: Annotated[Literal["bi", "angular"], Field(
+        description="Block Influence, or Gromov et al.'s angular distance (unofficial variant only)")] = "bi"
+    seed: Annotated[int, Field(description="seed of the random variant's draw")] = 0
 
-    def validate(self) -> None:
-        if isinstance(self.remove_layers, bool) or not isinstance(self.remove_layers, int) or self.remove_layers < 1:
-            raise UsageError(f"remove_layers must be an integer >= 1, got {self.remove_layers!r}")
-        if self.variant not in VARIANTS:
-            raise UsageError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if self.metric not in METRICS:
-            raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise UsageError(f"seed must be an integer, got {self.seed!r}")
+    @model_validator(mode="after")
+    def _angular_needs_the_unofficial_variant(self) -> "Options":
         if self.metric == "angular" and self.variant != "unofficial":
-            raise UsageError("metric 'angular' exists only in the unofficial (sramshetty) variant: "
+            raise ValueError("metric 'angular' exists only in the unofficial (sramshetty) variant: "
                              "add variant=unofficial")
+        return self
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:

@@ -5,31 +5,30 @@ OBS weight reconstruction (`methods.sparsity.sparsegpt_prune`); sequential acros
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from methods.anatomy import linear_layers, prunable_linears
 from methods.calibration import LayerInputs, gather_inputs, sequential_layers
-from methods.errors import UsageError
+from methods.options import method_options
 from methods.sparsity import Hessian, SparseOptions, sparsegpt_prune
 
 
-@dataclass(frozen=True)
+@method_options
 class Options(SparseOptions):
-    blocksize: int = 128
-    percdamp: float = 0.01
+    blocksize: Annotated[int, Field(gt=0, description="columns pruned and updated together")] = 128
+    percdamp: Annotated[float, Field(gt=0, description="Hessian dampening, a fraction of its mean diagonal")] = 0.01
 
-    def pattern(self):
-        pattern = super().pattern()
-        if self.blocksize <= 0:
-            raise UsageError(f"blocksize must be positive, got {self.blocksize}")
+    @model_validator(mode="after")
+    def _blocks_hold_whole_groups(self) -> "Options":
+        # N:M groups are chosen inside a block, so a group may not straddle two blocks.
+        pattern = self.pattern()
         if pattern.is_nm and self.blocksize % pattern.m:
-            raise UsageError(f"blocksize {self.blocksize} is not a multiple of M={pattern.m}")
-        if not self.percdamp > 0:
-            raise UsageError(f"percdamp must be positive, got {self.percdamp}")
-        return pattern
+            raise ValueError(f"blocksize {self.blocksize} is not a multiple of M={pattern.m}")
+        return self
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Annotated, Optional, Tuple
 
 import torch
+from pydantic import Field, model_validator
 
 from methods.errors import UsageError
+from methods.options import method_options
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,13 @@ class SparsityPattern:
 
     @classmethod
     def parse(cls, sparsity_type: str, ratio: Optional[float]) -> "SparsityPattern":
-        """From the CLI's `--sparsity-type` and `--sparsity-ratio` (ratio implied by N:M when omitted)."""
+        """From `sparsity_type` and `sparsity_ratio` (the ratio is implied by N:M when omitted).
+
+        The ratio's range is declared on `SparseOptions`; what is checked here depends on both values.
+        """
         if sparsity_type == "unstructured":
             if ratio is None:
-                raise UsageError("--sparsity-ratio is required for unstructured sparsity")
-            if not (0.0 <= ratio < 1.0) or math.isnan(ratio):
-                raise UsageError(f"sparsity ratio must be in [0, 1), got {ratio}")
+                raise UsageError("sparsity_ratio is required for unstructured sparsity")
             return cls(float(ratio))
         n, m = _parse_nm(sparsity_type)
         if ratio is not None and abs(ratio - n / m) > 1e-9:
@@ -54,12 +57,20 @@ class SparsityPattern:
             raise UsageError(f"{name} has {in_features} input features, not divisible by M={self.m} of {self.name}")
 
 
-@dataclass(frozen=True)
+@method_options
 class SparseOptions:
-    """Options shared by the unstructured / N:M methods (`--sparsity-ratio`, `--sparsity-type`)."""
+    """Options shared by the unstructured / N:M methods."""
 
-    sparsity_ratio: Optional[float] = None
-    sparsity_type: str = "unstructured"
+    sparsity_ratio: Annotated[Optional[float], Field(
+        ge=0, lt=1, description="fraction of weights zeroed (unstructured); N:M implies it")] = None
+    sparsity_type: Annotated[str, Field(
+        description="unstructured, or N:M: N zeros in every M consecutive input weights of a row, 0 < N < M")
+    ] = "unstructured"
+
+    @model_validator(mode="after")
+    def _pattern_is_consistent(self) -> "SparseOptions":
+        self.pattern()
+        return self
 
     def pattern(self) -> SparsityPattern:
         return SparsityPattern.parse(self.sparsity_type, self.sparsity_ratio)

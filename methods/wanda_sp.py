@@ -26,30 +26,28 @@ the samples it is given.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Annotated, Dict, List, Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from methods import width_stats
 from methods.anatomy import decoder_layers
 from methods.calibration import LayerInputs, gather_inputs, sequential_layers
+from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
 
-NAME = "wanda-sp"
-SCORES = ("wanda", "magnitude")
 MODULES = ("self_attn.o_proj", "mlp.down_proj")
 
 
-@dataclass(frozen=True)
+@method_options
 class Options:
-    pruning_ratio: Optional[float] = None   # fraction of key/value groups and of MLP channels per layer
-    score: str = "wanda"                    # wanda | magnitude (the repository's mag-sp baseline)
-
-    def validate(self) -> None:
-        width_stats.check_ratio(NAME, self.pruning_ratio)
-        width_stats.check_choice(NAME, "score", self.score, SCORES)
+    pruning_ratio: Annotated[float, Field(
+        gt=0, lt=1, description="fraction of key/value groups and of MLP channels removed from every layer")]
+    score: Annotated[Literal["wanda", "magnitude"], Field(
+        description="column score: Wanda's |W|·||x||, or the weight norm (the repository's mag-sp baseline)")
+    ] = "wanda"
 
 
 def column_scores(weight: torch.Tensor, squared_norm: Optional[torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,6 @@ keeps grouped-query attention valid (every kept group keeps all of its query hea
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Dict, Iterator, List, Tuple
 
 import torch
@@ -19,18 +18,6 @@ from torch import nn
 
 from methods import surgery
 from methods.errors import UsageError
-
-
-def check_ratio(method: str, ratio) -> None:
-    if ratio is None:
-        raise UsageError(f"{method} needs --pruning-ratio, the fraction of units to remove (0 < r < 1)")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 < ratio < 1:
-        raise UsageError(f"{method}: pruning ratio must be a number with 0 < r < 1, got {ratio!r}")
-
-
-def check_choice(method: str, name: str, value, choices: Tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsageError(f"{method}: unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def group_layout(layer: nn.Module) -> Tuple[int, int, int]:

@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from methods.errors import UsageError
 
@@ -16,7 +16,28 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is a single line, like every other bad input."""
+    """argparse, but a usage error is a single line, like every other bad input.
+
+    `deferred` adds arguments when this (sub)parser is first used: `lpc prune`'s method flags come
+    from every method module, whose imports (transformers) cost seconds that `lpc diff` need not pay.
+    """
+
+    def __init__(self, *args, deferred: Optional[Callable[[argparse.ArgumentParser], None]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deferred = deferred
+
+    def _add_deferred(self) -> None:
+        if self._deferred is not None:
+            add, self._deferred = self._deferred, None
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_deferred()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_deferred()
+        return super().format_help()
 
     def error(self, message: str):
         raise UsageError(message)
@@ -27,35 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     sub.required = True
 
-    prune = sub.add_parser("prune", help="prune one model and save it as a Hugging Face checkpoint")
+    prune = sub.add_parser("prune", help="prune one model and save it as a Hugging Face checkpoint",
+                           deferred=_add_method_flags)
     prune.add_argument("--model", required=True, help="local directory, hub id, or 'smoke'")
     prune.add_argument("--revision", help="hub revision (commit sha) of --model")
     prune.add_argument("--method", required=True)
-    prune.add_argument("--sparsity-ratio", type=float)
-    prune.add_argument("--sparsity-type", default="unstructured", help="unstructured or N:M (e.g. 2:4)")
-    prune.add_argument("--exact-count", action="store_true", default=None,
-                       help="magnitude: prune exactly int(ratio*numel) instead of the original's threshold rule")
-    prune.add_argument("--blocksize", type=int, help="sparsegpt column block (default 128)")
-    prune.add_argument("--percdamp", type=float, help="sparsegpt dampening fraction (default 0.01)")
-    width = prune.add_argument_group("structured methods (wanda-sp, flap, llm-pruner, minitron-*, shortgpt, shortened)")
-    width.add_argument("--pruning-ratio", type=float, help="wanda-sp, flap, llm-pruner: fraction of units to remove")
-    width.add_argument("--metrics", help="flap: WIFV | IFV | WIFN")
-    width.add_argument("--structure", help="flap: AL-AM | UL-UM")
-    width.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false", default=None,
-                       help="flap: do not add the removed channels' mean contribution as a bias")
-    width.add_argument("--importance", help="llm-pruner: element1 | element2 | vector | l2 | random")
-    width.add_argument("--layers", help="llm-pruner: START:END, the decoder layers to prune (end exclusive)")
-    width.add_argument("--mode", help="llm-pruner: block | channel")
-    width.add_argument("--hidden-size", type=int, help="minitron-width: target hidden size")
-    width.add_argument("--ffn-hidden-size", type=int, help="minitron-width: target MLP size per layer")
-    width.add_argument("--aggregation", help="minitron-width: collection | nvidia")
-    width.add_argument("--remove-layers", type=int, help="shortgpt, minitron-depth, shortened: layers to remove")
-    width.add_argument("--score", help="minitron-depth: ppl | <lm-eval task>")
-    width.add_argument("--num-fewshot", type=int, help="minitron-depth: shots of the scoring task")
-    width.add_argument("--select", help="minitron-depth: closest | best")
-    width.add_argument("--criterion", help="shortened: ppl | taylor")
-    width.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other option of the method (YAML value), e.g. --option head_weight=literal")
+    prune.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="any option of the method, the value read as YAML (e.g. --option head_weight=literal); "
+                            "also those without a flag of their own (shortgpt's seed)")
     prune.add_argument("--calib", help="c4 | wikitext2 | bookcorpus | pg19 | wikitext103-train | windows:PATH | text file or dir | token ids (.pt/.npy)")
     prune.add_argument("--nsamples", type=int, help="default: 128, or the rows of a token file")
     prune.add_argument("--seqlen", type=int, help="default: the model context (max 8192), or a token file's width")
@@ -158,26 +158,101 @@ def cmd_prune(args) -> int:
     return 0
 
 
-# Flags of `lpc prune` that are method options, by option name.
-OPTION_FLAGS = ("sparsity_ratio", "exact_count", "blocksize", "percdamp", "pruning_ratio", "metrics",
-                "structure", "bias_compensation", "importance", "layers", "mode", "hidden_size",
-                "ffn_hidden_size", "aggregation", "remove_layers", "score", "num_fewshot", "select", "criterion")
+def _add_method_flags(prune: argparse.ArgumentParser) -> None:
+    """One flag per option that a registered method declares, its help from the declarations."""
+    import methods
+    from methods.options import declared
+
+    uses: Dict[str, list] = {}
+    for method in methods.REGISTRY.values():
+        for name, field in declared(method.options_type).items():
+            uses.setdefault(name, []).append((method.name, field))
+    group = prune.add_argument_group("method options", "each flag applies to the methods its help names; "
+                                     "values are read as YAML")
+    added = []
+    for name, declarations in uses.items():
+        if all(field.annotation is bool for _, field in declarations):
+            kind: Dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"metavar": name.upper()}
+        try:
+            group.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                               help=_flag_help(declarations).replace("%", "%%"), **kind)
+        except argparse.ArgumentError:
+            continue  # a general flag owns the name (--seed); --option still reaches the method's option
+        added.append(name)
+    prune.set_defaults(method_flags=tuple(added))
+
+
+def _flag_help(declarations) -> str:
+    """`methods: description; {a,b}; > 0, < 1; default x`, one clause per distinct declaration."""
+    from methods.options import bounds, choices
+
+    texts: Dict[str, List[str]] = {}
+    for method, field in declarations:
+        parts = [field.description or ""]
+        if choices(field):
+            parts.append("{" + ",".join(map(str, choices(field))) + "}")
+        if bounds(field):
+            parts.append(", ".join(bounds(field)))
+        if field.is_required():
+            parts.append("required")
+        elif field.default is not None:
+            parts.append(f"default {field.default}")
+        texts.setdefault("; ".join(p for p in parts if p), []).append(method)
+    return " | ".join(f"{', '.join(names)}: {text}" for text, names in texts.items())
 
 
 def _method_options(args, method) -> dict:
-    import yaml
+    from methods.options import declared
 
-    options = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
-    if not method.structured:  # the sparse methods' pattern flag has a default
-        options["sparsity_type"] = args.sparsity_type
-    elif args.sparsity_type != "unstructured":
-        options["sparsity_type"] = args.sparsity_type
+    fields = declared(method.options_type)
+    options = {}
+    for name in args.method_flags:
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value if isinstance(value, bool) else _read_value(value, fields.get(name))
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
-        options[key.replace("-", "_")] = yaml.safe_load(value)
+        key = key.replace("-", "_")
+        options[key] = _read_value(value, fields.get(key))
     return options
+
+
+def _read_value(text: str, field) -> Any:
+    """A method option's value from the command line: YAML, unless the declared type reads the text better.
+
+    YAML 1.1 reads 2:4 and 4:30 as base-60 integers and 1e-3 as a string. Where the YAML value does
+    not fit the option's declared type, a string option takes the text as it is, and text that YAML
+    left a string is converted by pydantic (1e-3 for a float); anything else keeps its YAML value,
+    to be refused with the declaration's message (1 stays an integer for a true/false option).
+    """
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    from methods.options import STRICT
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if field is None:
+        return value
+    strict = TypeAdapter(field.annotation, config=STRICT)
+    for candidate in (value, text):
+        try:
+            strict.validate_python(candidate)
+            return candidate
+        except ValidationError:
+            pass
+    if isinstance(value, str):
+        try:
+            return TypeAdapter(field.annotation).validate_python(text)
+        except ValidationError:
+            pass
+    return value
 
 
 def cmd_repro(args) -> int:

@@ -252,9 +252,12 @@ def test_an_unknown_scan_task_is_one_line_before_any_loading(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"remove_layers": 0}, "remove_layers must be an integer >= 1"),
-    ({"remove_layers": 1, "variant": "official"}, "variant must be one of"),
-    ({"remove_layers": 1, "metric": "angular"}, "only in the unofficial"),
+    ({"remove_layers": 0}, "method 'shortgpt': option remove_layers must be >= 1, got 0"),
+    ({"remove_layers": True}, "method 'shortgpt': option remove_layers must be an integer, got True"),
+    ({"remove_layers": 1, "variant": "official"},
+     "method 'shortgpt': option variant must be 'collection', 'unofficial' or 'random', got 'official'"),
+    ({"remove_layers": 1, "seed": "0"}, "option seed must be an integer, got '0'"),
+    ({"remove_layers": 1, "metric": "angular"}, "method 'shortgpt': metric 'angular' exists only in the unofficial"),
 ])
 def test_shortgpt_options(options, message):
     from methods.errors import UsageError
@@ -267,11 +270,19 @@ def test_minitron_depth_options():
     from methods.errors import UsageError
 
     make = lambda **o: methods.make_options(methods.get("minitron-depth"), o)  # noqa: E731
-    with pytest.raises(UsageError, match="select must be one of"):
+    with pytest.raises(UsageError, match="option select must be 'closest' or 'best', got 'worst'"):
         make(remove_layers=1, select="worst")
-    with pytest.raises(UsageError, match="apply to a task scorer"):
+    with pytest.raises(UsageError, match="num_fewshot and limit apply to a task scorer"):
         make(remove_layers=1, num_fewshot=5)
-    with pytest.raises(UsageError, match="remove_layers"):
+    with pytest.raises(UsageError, match="option num_fewshot must be >= 0, got -1"):
+        make(remove_layers=1, num_fewshot=-1)
+    with pytest.raises(UsageError, match="option limit must be >= 1, got 0"):
+        make(remove_layers=1, limit=0)
+    with pytest.raises(UsageError, match="option batch_size must be an integer, got 2.0"):
+        make(remove_layers=1, batch_size=2.0)
+    with pytest.raises(UsageError, match="option score must not be empty, got ''"):
+        make(remove_layers=1, score="")
+    with pytest.raises(UsageError, match="^method 'minitron-depth': option remove_layers is required"):
         make(score="ppl")
 
 

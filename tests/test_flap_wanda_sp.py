@@ -237,14 +237,19 @@ def test_pruned_checkpoint_reloads_with_identical_logits(tmp_path, method, optio
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "flap", "--pruning-ratio", "0"], "pruning ratio must be a number with 0 < r < 1"),
-    (["--method", "flap", "--pruning-ratio", "1"], "pruning ratio must be a number with 0 < r < 1"),
-    (["--method", "wanda-sp", "--pruning-ratio", "1.5"], "pruning ratio must be a number with 0 < r < 1"),
-    (["--method", "wanda-sp"], "wanda-sp needs --pruning-ratio"),
-    (["--method", "flap", "--pruning-ratio", "0.2", "--metrics", "WANDA"], "unknown metric 'WANDA'"),
-    (["--method", "flap", "--pruning-ratio", "0.2", "--structure", "AL-MM"], "unknown structure 'AL-MM'"),
-    (["--method", "wanda-sp", "--pruning-ratio", "0.2", "--score", "taylor"], "unknown score 'taylor'"),
-    (["--method", "flap", "--pruning-ratio", "0.2", "--option", "head_weight=huge"], "unknown head_weight"),
+    (["--method", "flap", "--pruning-ratio", "0"], "method 'flap': option pruning_ratio must be > 0, got 0"),
+    (["--method", "flap", "--pruning-ratio", "1"], "method 'flap': option pruning_ratio must be < 1, got 1"),
+    (["--method", "wanda-sp", "--pruning-ratio", "1.5"], "method 'wanda-sp': option pruning_ratio must be < 1, got 1.5"),
+    (["--method", "wanda-sp", "--pruning-ratio", "true"], "option pruning_ratio must be a number, got True"),
+    (["--method", "wanda-sp"], "method 'wanda-sp': option pruning_ratio is required"),
+    (["--method", "flap", "--pruning-ratio", "0.2", "--metrics", "WANDA"],
+     "option metrics must be 'WIFV', 'IFV' or 'WIFN', got 'WANDA'"),
+    (["--method", "flap", "--pruning-ratio", "0.2", "--structure", "AL-MM"], "option structure must be"),
+    (["--method", "wanda-sp", "--pruning-ratio", "0.2", "--score", "taylor"],
+     "option score must be 'wanda' or 'magnitude', got 'taylor'"),
+    (["--method", "flap", "--pruning-ratio", "0.2", "--option", "head_weight=huge"], "option head_weight must be"),
+    (["--method", "flap", "--pruning-ratio", "0.2", "--option", "exact_fluctuation=1"],
+     "option exact_fluctuation must be true or false, got 1"),
 ])
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, extra, message):
     code = main(["prune", "--model", "smoke", *extra, "--calib", "smoke", "--out", str(tmp_path / "out")])

@@ -92,3 +92,89 @@ def test_non_llama_model_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(UsageError, match="not a decoder-only Llama-like"):
         methods.prune(model, "magnitude", None, sparsity_ratio=0.5)
+
+
+# ----------------------------------------------------------------------------- declared options
+
+# The fewest options each method needs; everything else takes its declared default.
+MINIMAL = {"magnitude": {"sparsity_ratio": 0.5}, "wanda": {"sparsity_ratio": 0.5}, "sparsegpt": {"sparsity_ratio": 0.5},
+           "wanda-sp": {"pruning_ratio": 0.2}, "flap": {"pruning_ratio": 0.2}, "llm-pruner": {"pruning_ratio": 0.2},
+           "minitron-width": {"hidden_size": 8, "ffn_hidden_size": 8}, "minitron-depth": {"remove_layers": 1},
+           "shortgpt": {"remove_layers": 1}, "shortened": {"criterion": "ppl", "remove_layers": 1}}
+
+
+def _declared(name):
+    from methods.options import declared
+
+    return declared(methods.get(name).options_type)
+
+
+def _wrong_type(field):
+    """A value of the wrong kind for the field's declared type, and the words the refusal must use."""
+    from typing import Union, get_args, get_origin
+
+    from methods.options import choices
+
+    kind = field.annotation
+    if get_origin(kind) is Union:  # Optional[X]
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    if choices(field):
+        return "nope", f"must be {', '.join(map(repr, choices(field)[:-1]))}"
+    return {bool: (1, "must be true or false"), int: (True, "must be an integer"), float: ("0.5", "must be a number"),
+            str: (5, "must be a string")}[kind]
+
+
+def test_minimal_options_cover_the_registry():
+    assert set(MINIMAL) == set(methods.REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(MINIMAL))
+def test_options_are_frozen_strict_pydantic_dataclasses_that_round_trip(name):
+    import dataclasses
+    import json
+
+    from pydantic.dataclasses import is_pydantic_dataclass
+
+    method = methods.get(name)
+    options = methods.make_options(method, MINIMAL[name])
+    assert is_pydantic_dataclass(method.options_type)
+    assert method.options_type.__pydantic_config__.get("strict") is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.__setattr__(next(iter(_declared(name))), None)
+    as_json = json.loads(json.dumps(dataclasses.asdict(options)))  # what prune.json stores
+    assert list(as_json) == list(_declared(name))
+    assert methods.make_options(method, as_json) == options
+    assert all(field.description for field in _declared(name).values())
+
+
+@pytest.mark.parametrize("name,option", [(n, o) for n in sorted(MINIMAL) for o in _declared(n)])
+def test_a_value_of_the_wrong_type_is_one_line_naming_method_option_and_value(name, option):
+    value, words = _wrong_type(_declared(name)[option])
+    with pytest.raises(UsageError) as refused:
+        methods.make_options(methods.get(name), {**MINIMAL[name], option: value})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"method {name!r}: option {option} {words}") and f"got {value!r}" in message, message
+
+
+@pytest.mark.parametrize("name,option,bound", [(n, o, m) for n in sorted(MINIMAL) for o, f in _declared(n).items()
+                                               for m in f.metadata if hasattr(m, "gt") or hasattr(m, "ge")
+                                               or hasattr(m, "lt") or hasattr(m, "le")])
+def test_a_value_out_of_its_declared_bounds_is_one_line(name, option, bound):
+    key, limit = next((k, getattr(bound, k)) for k in ("gt", "ge", "lt", "le") if hasattr(bound, k))
+    outside = {"gt": limit, "ge": limit - 1, "lt": limit, "le": limit + 1}[key]
+    with pytest.raises(UsageError, match=f"^method '{name}': option {option} must be "
+                                         f"{dict(gt='>', ge='>=', lt='<', le='<=')[key]} {limit:g}, "
+                                         f"got {outside!r}$"):
+        methods.make_options(methods.get(name), {**MINIMAL[name], option: outside})
+
+
+@pytest.mark.parametrize("name", sorted(MINIMAL))
+def test_missing_and_unknown_options_are_one_line(name):
+    for required in MINIMAL[name]:
+        if _declared(name)[required].is_required():
+            given = {k: v for k, v in MINIMAL[name].items() if k != required}
+            with pytest.raises(UsageError, match=f"^method '{name}': option {required} is required"):
+                methods.make_options(methods.get(name), given)
+    with pytest.raises(UsageError, match=f"^method '{name}' takes no option colour$"):
+        methods.make_options(methods.get(name), {**MINIMAL[name], "colour": "blue"})

@@ -216,8 +216,11 @@ def _usage_error(capsys, argv):
     (["--hidden-size", "16", "--ffn-hidden-size", "32", "--option", "num_heads=3"],
      "num_heads 3 is not a multiple of the 2 key/value heads"),
     (["--hidden-size", "16", "--ffn-hidden-size", "32", "--option", "num_heads=6"], "more than layer 0's 4 query heads"),
-    (["--hidden-size", "16", "--ffn-hidden-size", "32", "--aggregation", "megatron"], "aggregation must be one of"),
-    (["--hidden-size", "0", "--ffn-hidden-size", "32"], "hidden_size must be an integer >= 1"),
+    (["--hidden-size", "16", "--ffn-hidden-size", "32", "--aggregation", "megatron"],
+     "method 'minitron-width': option aggregation must be 'collection' or 'nvidia', got 'megatron'"),
+    (["--hidden-size", "0", "--ffn-hidden-size", "32"], "method 'minitron-width': option hidden_size must be >= 1, got 0"),
+    (["--hidden-size", "16", "--ffn-hidden-size", "32", "--num-heads", "0"], "option num_heads must be >= 1, got 0"),
+    (["--hidden-size", "16"], "option ffn_hidden_size is required"),
 ])
 def test_bad_targets_are_one_line(saved_gqa, capsys, flags, message):
     err = _usage_error(capsys, ["prune", "--model", str(saved_gqa / "dense"), "--method", "minitron-width", *flags,

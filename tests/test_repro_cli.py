@@ -148,7 +148,7 @@ def test_prune_writes_a_checkpoint_that_reloads_to_the_same_logits(tmp_path):
 BAD_INPUTS = [
     (["prune", "--model", "{model}", "--method", "nope", "--out", "{out}"], "unknown method"),
     (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "1.5", "--calib", "{calib}",
-      "--out", "{out}"], "in [0, 1)"),
+      "--out", "{out}"], "method 'wanda': option sparsity_ratio must be < 1, got 1.5"),
     (["prune", "--model", "{model}", "--method", "magnitude", "--sparsity-type", "4:2", "--out", "{out}"],
      "0 < N < M"),
     (["prune", "--model", "{model}", "--method", "magnitude", "--sparsity-type", "3:7", "--out", "{out}"],
@@ -164,7 +164,12 @@ BAD_INPUTS = [
     (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "0.5", "--calib", "{tmp}/float.npy",
       "--out", "{out}"], "integer"),
     (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "0.5", "--out", "{out}"], "--calib"),
-    (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "x", "--out", "{out}"], "invalid float"),
+    (["prune", "--model", "{model}", "--method", "wanda", "--sparsity-ratio", "x", "--out", "{out}"],
+     "method 'wanda': option sparsity_ratio must be a number, got 'x'"),
+    (["prune", "--model", "{model}", "--method", "wanda", "--pruning-ratio", "0.5", "--out", "{out}"],
+     "method 'wanda' takes no option pruning_ratio"),
+    (["prune", "--model", "{model}", "--method", "magnitude", "--option", "exact_count", "--out", "{out}"],
+     "--option expects KEY=VALUE"),
     (["repro", "nope"], "no recipe"),
     (["repro", "wanda", "--profile", "nope"], "no profile"),
     (["diff", "wanda", "--profile", "nope"], "no profile"),
@@ -195,6 +200,61 @@ def test_bad_input_real_stderr_has_no_noise(tmp_path, case):
                           text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_prune_has_a_flag_for_every_declared_option(capsys):
+    import methods
+    from methods.options import declared
+    from repro.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    help_text = capsys.readouterr().out
+    for method in methods.REGISTRY.values():
+        for name in declared(method.options_type):
+            if name != "seed":  # the general --seed; `--option seed=N` reaches shortgpt's
+                assert "--" + name.replace("_", "-") in help_text, name
+
+
+def test_flag_help_names_each_method_with_its_declaration():
+    import methods
+    from methods.options import declared
+    from repro.cli import _flag_help
+
+    uses = [(m, declared(methods.get(m).options_type)["remove_layers"]) for m in ("shortgpt", "shortened")]
+    text = _flag_help(uses)
+    for method, field in uses:
+        assert f"{method}: {field.description}; >= 1; required" in text
+    score = [("wanda-sp", declared(methods.get("wanda-sp").options_type)["score"])]
+    assert "{wanda,magnitude}; default wanda" in _flag_help(score)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    # YAML would read 2:4 as the base-60 integer 124 and 1e-3 as a string: the declared type decides.
+    (["--method", "sparsegpt", "--sparsity-type", "2:4", "--percdamp", "1e-3"],
+     {"sparsity_type": "2:4", "percdamp": 0.001}),
+    (["--method", "magnitude", "--sparsity-ratio", "0.5", "--exact-count"], {"sparsity_ratio": 0.5, "exact_count": True}),
+    (["--method", "flap", "--pruning-ratio", "0.2", "--no-bias-compensation", "--option", "head_weight=literal"],
+     {"pruning_ratio": 0.2, "bias_compensation": False, "head_weight": "literal"}),
+    (["--method", "llm-pruner", "--pruning-ratio", "1", "--layers", "4:30", "--option", "gqa-importance=grouped"],
+     {"pruning_ratio": 1, "layers": "4:30", "gqa_importance": "grouped"}),
+    (["--method", "minitron-depth", "--remove-layers", "2", "--score", "lpc_smoke_mc", "--limit", "null"],
+     {"remove_layers": 2, "score": "lpc_smoke_mc", "limit": None}),
+    (["--method", "shortened", "--criterion", "taylor", "--remove-layers", "3", "--option", "plus_heuristic=false"],
+     {"criterion": "taylor", "remove_layers": 3, "plus_heuristic": False}),
+    (["--method", "shortgpt", "--remove-layers", "3", "--variant", "random", "--option", "seed=7"],
+     {"remove_layers": 3, "variant": "random", "seed": 7}),
+    # Refused later with the declaration's message: a bool for a ratio, an int for a true/false option.
+    (["--method", "wanda", "--sparsity-ratio", "true"], {"sparsity_ratio": True}),
+    (["--method", "flap", "--option", "exact_fluctuation=1"], {"exact_fluctuation": 1}),
+])
+def test_command_line_values_keep_their_types(argv, expected):
+    import methods
+    from repro.cli import _method_options, build_parser
+
+    args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", *argv])
+    got = _method_options(args, methods.get(args.method))
+    assert got == expected and all(type(got[k]) is type(v) for k, v in expected.items()), got
 
 
 def test_a_model_that_is_not_llama_like_is_refused(tmp_path, capsys):

@@ -208,7 +208,7 @@ def test_taylor_in_fp32_on_a_bf16_model_restores_its_dtypes():
     for name, buffer in low.named_buffers():
         assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
     in_model = shortened.taylor_scores(low, ids, shortened.Options(criterion="taylor", remove_layers=1,
-                                                                    gradient_dtype="model"))
+                                                                    grad_dtype="model"))
     assert in_model != got  # bf16 backward is a different (the original's --use_bfloat) computation
 
 
@@ -259,11 +259,17 @@ def test_prune_cli_checkpoint_reloads_and_generates_with_cache(tmp_path, golden_
 BAD = [
     (["--criterion", "ppl", "--remove-layers", "8"], "no layer"),
     (["--criterion", "ppl", "--remove-layers", "3"], "exceeds the 2 candidate blocks"),
-    (["--criterion", "magnitude", "--remove-layers", "1"], "criterion must be one of"),
-    (["--criterion", "ppl", "--remove-layers", "0"], "remove_layers must be an integer >= 1"),
-    (["--remove-layers", "1"], "criterion"),
-    (["--criterion", "taylor", "--remove-layers", "1", "--option", "gradient_dtype=float64"], "gradient_dtype"),
-    (["--criterion", "taylor", "--remove-layers", "1", "--option", "block_reduction=median"], "block_reduction"),
+    (["--criterion", "magnitude", "--remove-layers", "1"],
+     "method 'shortened': option criterion must be 'ppl' or 'taylor', got 'magnitude'"),
+    (["--criterion", "ppl", "--remove-layers", "0"], "method 'shortened': option remove_layers must be >= 1, got 0"),
+    (["--criterion", "ppl", "--remove-layers", "1.5"], "option remove_layers must be an integer, got 1.5"),
+    (["--remove-layers", "1"], "method 'shortened': option criterion is required"),
+    (["--criterion", "taylor", "--remove-layers", "1", "--grad-dtype", "float64"],
+     "option grad_dtype must be 'model', 'float32', 'float16' or 'bfloat16', got 'float64'"),
+    (["--criterion", "taylor", "--remove-layers", "1", "--option", "block_reduction=median"],
+     "option block_reduction must be 'sum', 'mean', 'max' or 'prod', got 'median'"),
+    (["--criterion", "taylor", "--remove-layers", "1", "--plus-heuristic", "--option", "norm_power=true"],
+     "option norm_power must be an integer, got True"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import methods
 from methods.errors import UsageError
 from methods.sparsity import (Hessian, InputSquaredNorm, SparsityPattern, magnitude_mask, nm_mask,
                               sparsegpt_prune, wanda_mask)
@@ -104,14 +105,27 @@ def test_dead_inputs_are_zeroed():
     assert (out[:, 3] == 0).all()
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("kind,ratio,message", [
-    ("unstructured", 1.0, r"in \[0, 1\)"), ("unstructured", -0.1, r"in \[0, 1\)"),
-    ("4:4", None, "0 < N < M"), ("5:4", None, "0 < N < M"), ("0:4", None, "0 < N < M"),
-    ("2:4", 0.3, "contradicts"), ("two:four", None, "N:M"), ("unstructured", None, "required"),
+    ("unstructured", 1.0, "option sparsity_ratio must be < 1, got 1.0"),
+    ("unstructured", -0.1, "option sparsity_ratio must be >= 0, got -0.1"),
+    ("unstructured", float("nan"), "option sparsity_ratio must be .*, got nan"),
+    ("unstructured", "0.5", "option sparsity_ratio must be a number, got '0.5'"),
+    ("unstructured", True, "option sparsity_ratio must be a number, got True"),
+    ("4:4", None, "N:M sparsity needs 0 < N < M, got 4:4"), ("5:4", None, "N:M .* got 5:4"), ("0:4", None, "N:M .* got 0:4"),
+    ("2:4", 0.3, "sparsity ratio 0.3 contradicts 2:4"), ("two:four", None, "sparsity type must be 'unstructured' or N:M"),
+    (124, None, "option sparsity_type must be a string, got 124"),   # YAML's reading of an unquoted 2:4
+    ("unstructured", None, "sparsity_ratio is required"),
 ])
-def test_bad_patterns(kind, ratio, message):
-    with pytest.raises(UsageError, match=message):
-        SparsityPattern.parse(kind, ratio)
+def test_bad_patterns_are_one_line_naming_method_and_value(method, kind, ratio, message):
+    values = {"sparsity_type": kind} if ratio is None else {"sparsity_type": kind, "sparsity_ratio": ratio}
+    with pytest.raises(UsageError, match=f"^method '{method}': {message}"):
+        methods.make_options(methods.get(method), values)
+
+
+def test_an_int_ratio_is_a_float_ratio():
+    options = methods.make_options(methods.get("wanda"), {"sparsity_ratio": 0})
+    assert options.sparsity_ratio == 0.0 and options.pattern() == SparsityPattern(0.0)
 
 
 def test_width_not_divisible_by_m():
