@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import surgery
 from methods.anatomy import decoder_layers
-from methods.surgery import PER_LAYER_CONFIG
 
 LayerIO = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -112,33 +112,21 @@ def calib_perplexity(model: nn.Module, calib: torch.Tensor) -> float:
 def layers_skipped(model: nn.Module, skip: Sequence[int]) -> Iterator[None]:
     """The model without the decoder layers `skip` while inside; nothing is copied or freed.
 
-    The remaining layers are renumbered (layer_idx, config.num_hidden_layers and per-layer config
-    lists) for the duration, so a KV cache built during scoring (lm-eval may build one) sees a
-    contiguous stack; everything is put back on exit.
+    The stack is cut as surgery.remove_layers cuts it (renumbered, config following), so a KV cache
+    built during scoring (lm-eval may build one) sees a contiguous stack; everything is put back on
+    exit.
     """
-    base = model.model
     layers = decoder_layers(model)
-    total = len(layers)
     drop = set(int(i) for i in skip)
-    kept = [layer for i, layer in enumerate(layers) if i not in drop]
     config = model.config
-    saved_config = {name: getattr(config, name) for name in ("num_hidden_layers",) + PER_LAYER_CONFIG
+    saved_config = {name: getattr(config, name) for name in ("num_hidden_layers",) + surgery.PER_LAYER_CONFIG
                     if hasattr(config, name)}
-    saved_idx = [(module, module.layer_idx) for layer in layers for module in (layer, layer.self_attn)
-                 if hasattr(module, "layer_idx")]
-    base.layers = nn.ModuleList(kept)
+    saved_idx = [(module, module.layer_idx) for module in model.modules() if hasattr(module, "layer_idx")]
     try:
-        for new_index, layer in enumerate(kept):
-            for module in (layer, layer.self_attn):
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = new_index
-        for name, values in saved_config.items():
-            if isinstance(values, (list, tuple)) and len(values) == total:
-                setattr(config, name, [v for i, v in enumerate(values) if i not in drop])
-        config.num_hidden_layers = len(kept)
+        surgery.keep_layers(model, [i for i in range(len(layers)) if i not in drop])
         yield
     finally:
-        base.layers = layers
+        model.model.layers = layers
         for module, index in saved_idx:
             module.layer_idx = index
         for name, value in saved_config.items():
@@ -151,14 +139,3 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1])
     y = y.reshape(-1, y.shape[-1])
     return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
-
-
-
-def check_removable(model: nn.Module, count: int) -> int:
-    """The model's depth, after refusing to remove all of it (before any scoring is spent)."""
-    from methods.errors import UsageError
-
-    total = len(decoder_layers(model))
-    if count >= total:
-        raise UsageError(f"cannot remove {count} of the model's {total} layers: at least one must remain")
-    return total

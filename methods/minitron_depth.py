@@ -66,7 +66,7 @@ class Options:
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device,
           tokenizer=None) -> dict:
     count = options.remove_layers
-    total = depth.check_removable(model, count)
+    total = surgery.check_removable(model, count)
     if options.score != PPL and tokenizer is None:
         raise UsageError(f"scoring with task {options.score!r} needs the model's tokenizer")
     scorer = _scorer(options, calib, tokenizer)

@@ -68,10 +68,8 @@ class Options:
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
-    total = len(decoder_layers(model))
+    total = surgery.check_removable(model, options.remove_layers)
     pool = candidates(range(total), total, options.plus_heuristic)
-    if options.remove_layers >= total:
-        raise UsageError(f"remove_layers={options.remove_layers} would leave no layer of the model's {total}")
     if options.remove_layers > len(pool):
         raise UsageError(f"remove_layers={options.remove_layers} exceeds the {len(pool)} candidate blocks left "
                          f"of {total} after the '+' heuristic (blocks 0-3 and the last two are kept)")

@@ -2,6 +2,7 @@
 temporary layer skipping, saved checkpoints, KV-cache generation after layer removal, bad input."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -75,6 +76,20 @@ def test_skipping_layers_equals_removing_them_and_restores_the_model():
     assert torch.equal(_logits(removed, ids), skipped)
     with torch.no_grad():
         assert torch.equal(removed.generate(ids[:, :5], max_new_tokens=4, do_sample=False, use_cache=True), cached)
+
+
+def test_skipping_layers_of_a_per_layer_model_restores_its_config():
+    model = _gqa(layers=4)
+    methods.surgery.keep_mlp_channels(model.model.layers[2], range(16))
+    methods.surgery.sync_config(model)
+    ids = _calib(rows=1)
+    removed = copy.deepcopy(model)
+    methods.surgery.remove_layers(removed, [0, 3])
+    with depth.layers_skipped(model, [3, 0]):
+        assert model.config.layer_intermediate_size == removed.config.layer_intermediate_size == [64, 16]
+        assert torch.equal(_logits(model, ids), _logits(removed, ids))
+    assert model.config.layer_intermediate_size == [64, 64, 16, 64] and model.config.num_hidden_layers == 4
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(4))
 
 
 def test_calib_perplexity_is_the_windowed_token_mean():

@@ -257,7 +257,7 @@ def test_prune_cli_checkpoint_reloads_and_generates_with_cache(tmp_path, golden_
 # ----------------------------------------------------------------------------- bad input
 
 BAD = [
-    (["--criterion", "ppl", "--remove-layers", "8"], "no layer"),
+    (["--criterion", "ppl", "--remove-layers", "8"], "cannot remove 8 of the model's 8 layers"),
     (["--criterion", "ppl", "--remove-layers", "3"], "exceeds the 2 candidate blocks"),
     (["--criterion", "magnitude", "--remove-layers", "1"], "criterion must be one of"),
     (["--criterion", "ppl", "--remove-layers", "0"], "remove_layers must be an integer >= 1"),
