@@ -208,7 +208,7 @@ def test_taylor_in_fp32_on_a_bf16_model_restores_its_dtypes():
     for name, buffer in low.named_buffers():
         assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
     in_model = shortened.taylor_scores(low, ids, shortened.Options(criterion="taylor", remove_layers=1,
-                                                                    gradient_dtype="model"))
+                                                                    grad_dtype="model"))
     assert in_model != got  # bf16 backward is a different (the original's --use_bfloat) computation
 
 
@@ -262,7 +262,7 @@ BAD = [
     (["--criterion", "magnitude", "--remove-layers", "1"], "criterion must be one of"),
     (["--criterion", "ppl", "--remove-layers", "0"], "remove_layers must be an integer >= 1"),
     (["--remove-layers", "1"], "criterion"),
-    (["--criterion", "taylor", "--remove-layers", "1", "--option", "gradient_dtype=float64"], "gradient_dtype"),
+    (["--criterion", "taylor", "--remove-layers", "1", "--option", "grad_dtype=float64"], "grad_dtype must be one of model, float32"),
     (["--criterion", "taylor", "--remove-layers", "1", "--option", "block_reduction=median"], "block_reduction"),
 ]
 
