@@ -1,13 +1,12 @@
-"""What the depth methods (ShortGPT, Minitron-depth) and Minitron-width share.
+"""What the depth methods (ShortGPT, Minitron-depth, Shortened LLaMA) and Minitron-width share.
 
 * Whole-model passes over the calibration rows, one row per forward (batch 1), as the originals score.
 * Hooks that see each decoder layer's input and output hidden states under every transformers
   version: before 4.48 a layer gets ``hidden_states`` positionally and returns a tuple, later
   versions may pass it by keyword and return the tensor itself. Indexing ``[0]`` on a bare tensor
-  would silently take the first batch element (spec B 7.2 item 12), so the hooks look at the type.
+  would silently take the first batch element, so the hooks look at the type.
 * ``layers_skipped``: the model with some decoder layers left out, temporarily and without copying
-  a weight, the way Minitron's block scan scores a candidate (spec B 1.4).
-* The Minitron perplexity scorer (spec B 1.2), exactly.
+  a weight, the way Minitron's block scan and Shortened LLaMA's PPL criterion score a candidate.
 """
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ import contextlib
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from methods import surgery
@@ -79,33 +77,6 @@ def run_rows(model: nn.Module, calib: torch.Tensor) -> None:
     with torch.no_grad():
         for row in calib:
             model.model(input_ids=row.reshape(1, -1).to(device), use_cache=False)
-
-
-def calib_perplexity(model: nn.Module, calib: torch.Tensor) -> float:
-    """The Minitron scorer's perplexity (spec B 1.2): every calibration row is one window.
-
-    Per window, the mean cross-entropy of its seq_len-1 next-token predictions, weighted by seq_len
-    (not seq_len-1); ppl = exp(sum(loss * seq_len) / sum(seq_len)). Like the collection, the sum is
-    a Python float and the exponential is taken of a float32 tensor, so the score has float32
-    precision (it decides `closest` comparisons, so the rounding is kept). Logits are cast to
-    float32 (transformers 4.43 did that inside the model; 5.x does not).
-    """
-    device = input_device(model)
-    seq_len = calib.shape[1]
-    total, tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for row in calib:
-                ids = row.reshape(1, -1).to(device=device, dtype=torch.long)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-                total += loss.item() * seq_len
-                tokens += seq_len
-    finally:
-        model.train(was_training)
-    return torch.exp(torch.tensor(total / tokens)).item()
 
 
 @contextlib.contextmanager

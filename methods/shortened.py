@@ -4,8 +4,9 @@ Every block gets one importance score from the dense model, the blocks are ranke
 important first), and the first `remove_layers` candidates are deleted. Nothing is re-scored after a
 removal. Two criteria:
 
-* ``ppl``: the perplexity of the calibration rows (each row fed alone, exp of the mean token NLL)
-  when only that block is missing. The block whose absence hurts least goes first.
+* ``ppl``: the perplexity of the calibration rows (methods.scoring's ``rows`` protocol: each row fed
+  alone, exp of the mean token NLL) when only that block is missing. The block whose absence hurts
+  least goes first.
 * ``taylor``: one backward pass of the causal-LM loss over all calibration rows as one batch, in
   ``grad_dtype`` (methods/gradients.py); per weight, salience s = W * dL/dW; a matrix scores
   sum_rows(sum_cols |s|^p), an RMSNorm vector sum |s|^p (p = `norm_power`); the block scores the sum
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from methods import gradients, surgery
@@ -31,6 +31,7 @@ from methods.anatomy import decoder_layers
 from methods.depth import input_device, layers_skipped, on_device
 from methods.errors import UsageError
 from methods.gradients import GRAD_DTYPES
+from methods.scoring import perplexity
 
 CRITERIA = ("ppl", "taylor")
 REDUCTIONS = ("sum", "mean", "max", "prod")
@@ -123,21 +124,8 @@ def ppl_scores(model: nn.Module, calib: torch.Tensor) -> List[float]:
     scores = []
     for block in range(len(decoder_layers(model))):
         with layers_skipped(model, [block]):
-            scores.append(rows_perplexity(model, calib))
+            scores.append(perplexity(model, calib, "rows"))
     return scores
-
-
-@torch.no_grad()
-def rows_perplexity(model: nn.Module, rows: torch.Tensor) -> float:
-    """exp(mean next-token NLL over all rows), each row fed alone; logits in fp32 as transformers
-    4.40 (the original's pin) always cast them."""
-    device = model.get_input_embeddings().weight.device
-    nlls = []
-    for row in rows:
-        ids = row.reshape(1, -1).to(device=device, dtype=torch.long)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nlls.append(F.cross_entropy(logits, ids[0, 1:], reduction="none"))
-    return math.exp(torch.cat(nlls).mean().item())
 
 
 # ----------------------------------------------------------------------------- Taylor criterion

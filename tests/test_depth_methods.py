@@ -10,6 +10,7 @@ import torch
 
 import methods
 from methods import depth
+from methods.scoring import perplexity
 from repro.cli import main
 from tests.conftest import tiny_llama
 
@@ -92,14 +93,14 @@ def test_skipping_layers_of_a_per_layer_model_restores_its_config():
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(4))
 
 
-def test_calib_perplexity_is_the_windowed_token_mean():
+def test_minitron_scorer_is_the_windowed_token_mean():
     model = _gqa(layers=2)
     calib = _calib(rows=3, length=12)
     nll = []
     for row in calib:
         logits = _logits(model, row[None])[0, :-1]
         nll.append(torch.nn.functional.cross_entropy(logits, row[1:]).item())
-    assert depth.calib_perplexity(model, calib) == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-6)
+    assert perplexity(model, calib, "minitron") == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- the methods on GQA
@@ -154,16 +155,16 @@ def test_minitron_depth_on_gqa(select):
     report = methods.prune(model, "minitron-depth", calib, device="cpu", remove_layers=2, select=select)
     scores = report["scores"]
     assert scores["metric"] == "ppl" and len(scores["candidates"]) == 4
-    assert scores["baseline"] == pytest.approx(depth.calib_perplexity(reference, calib), rel=1e-6)
+    assert scores["baseline"] == pytest.approx(perplexity(reference, calib, "minitron"), rel=1e-6)
     for start, value in enumerate(scores["candidates"]):  # each candidate is the skipped model's ppl
         with depth.layers_skipped(reference, [start, start + 1]):
-            assert value == depth.calib_perplexity(reference, calib)
+            assert value == perplexity(reference, calib, "minitron")
     if select == "closest":
         want = min(range(4), key=lambda i: abs(scores["candidates"][i] - scores["baseline"]))
     else:
         want = min(range(4), key=scores["candidates"].__getitem__)
     assert report["layers_removed"] == [want, want + 1] and report["block_start"] == want
-    assert depth.calib_perplexity(model, calib) == scores["candidates"][want]
+    assert perplexity(model, calib, "minitron") == scores["candidates"][want]
 
 
 def test_choose_first_on_ties_and_accuracy_direction():

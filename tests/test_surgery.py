@@ -168,7 +168,7 @@ def test_removed_layers_take_their_per_layer_config_with_them():
 def test_lm_eval_evaluates_a_reloaded_non_uniform_smoke_checkpoint(tmp_path):
     """lm-eval's own HF loader (trust_remote_code) on a checkpoint with per-layer widths."""
     lm_eval = pytest.importorskip("lm_eval")
-    from repro.evaluate import SMOKE_TASK, TaskSpec, run_tasks
+    from methods.scoring import SMOKE_TASK, TaskSpec, run_tasks
 
     model, tokenizer = load_model("smoke")
     layers = model.model.layers
