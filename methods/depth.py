@@ -1,13 +1,12 @@
-"""What the depth methods (ShortGPT, Minitron-depth) and Minitron-width share.
+"""What the depth methods (ShortGPT, Minitron-depth, Shortened LLaMA) and Minitron-width share.
 
 * Whole-model passes over the calibration rows, one row per forward (batch 1), as the originals score.
 * Hooks that see each decoder layer's input and output hidden states under every transformers
   version: before 4.48 a layer gets ``hidden_states`` positionally and returns a tuple, later
   versions may pass it by keyword and return the tensor itself. Indexing ``[0]`` on a bare tensor
-  would silently take the first batch element (spec B 7.2 item 12), so the hooks look at the type.
+  would silently take the first batch element, so the hooks look at the type.
 * ``layers_skipped``: the model with some decoder layers left out, temporarily and without copying
-  a weight, the way Minitron's block scan scores a candidate (spec B 1.4).
-* The Minitron perplexity scorer (spec B 1.2), exactly.
+  a weight, the way Minitron's block scan and Shortened LLaMA's PPL criterion score a candidate.
 """
 from __future__ import annotations
 
@@ -15,11 +14,10 @@ import contextlib
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from methods import surgery
 from methods.anatomy import decoder_layers
-from methods.surgery import PER_LAYER_CONFIG
 
 LayerIO = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -81,64 +79,25 @@ def run_rows(model: nn.Module, calib: torch.Tensor) -> None:
             model.model(input_ids=row.reshape(1, -1).to(device), use_cache=False)
 
 
-def calib_perplexity(model: nn.Module, calib: torch.Tensor) -> float:
-    """The Minitron scorer's perplexity (spec B 1.2): every calibration row is one window.
-
-    Per window, the mean cross-entropy of its seq_len-1 next-token predictions, weighted by seq_len
-    (not seq_len-1); ppl = exp(sum(loss * seq_len) / sum(seq_len)). Like the collection, the sum is
-    a Python float and the exponential is taken of a float32 tensor, so the score has float32
-    precision (it decides `closest` comparisons, so the rounding is kept). Logits are cast to
-    float32 (transformers 4.43 did that inside the model; 5.x does not).
-    """
-    device = input_device(model)
-    seq_len = calib.shape[1]
-    total, tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for row in calib:
-                ids = row.reshape(1, -1).to(device=device, dtype=torch.long)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-                total += loss.item() * seq_len
-                tokens += seq_len
-    finally:
-        model.train(was_training)
-    return torch.exp(torch.tensor(total / tokens)).item()
-
-
 @contextlib.contextmanager
 def layers_skipped(model: nn.Module, skip: Sequence[int]) -> Iterator[None]:
     """The model without the decoder layers `skip` while inside; nothing is copied or freed.
 
-    The remaining layers are renumbered (layer_idx, config.num_hidden_layers and per-layer config
-    lists) for the duration, so a KV cache built during scoring (lm-eval may build one) sees a
-    contiguous stack; everything is put back on exit.
+    The stack is cut as surgery.remove_layers cuts it (renumbered, config following), so a KV cache
+    built during scoring (lm-eval may build one) sees a contiguous stack; everything is put back on
+    exit.
     """
-    base = model.model
     layers = decoder_layers(model)
-    total = len(layers)
     drop = set(int(i) for i in skip)
-    kept = [layer for i, layer in enumerate(layers) if i not in drop]
     config = model.config
-    saved_config = {name: getattr(config, name) for name in ("num_hidden_layers",) + PER_LAYER_CONFIG
+    saved_config = {name: getattr(config, name) for name in ("num_hidden_layers",) + surgery.PER_LAYER_CONFIG
                     if hasattr(config, name)}
-    saved_idx = [(module, module.layer_idx) for layer in layers for module in (layer, layer.self_attn)
-                 if hasattr(module, "layer_idx")]
-    base.layers = nn.ModuleList(kept)
+    saved_idx = [(module, module.layer_idx) for module in model.modules() if hasattr(module, "layer_idx")]
     try:
-        for new_index, layer in enumerate(kept):
-            for module in (layer, layer.self_attn):
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = new_index
-        for name, values in saved_config.items():
-            if isinstance(values, (list, tuple)) and len(values) == total:
-                setattr(config, name, [v for i, v in enumerate(values) if i not in drop])
-        config.num_hidden_layers = len(kept)
+        surgery.keep_layers(model, [i for i in range(len(layers)) if i not in drop])
         yield
     finally:
-        base.layers = layers
+        model.model.layers = layers
         for module, index in saved_idx:
             module.layer_idx = index
         for name, value in saved_config.items():
@@ -151,14 +110,3 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1])
     y = y.reshape(-1, y.shape[-1])
     return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
-
-
-
-def check_removable(model: nn.Module, count: int) -> int:
-    """The model's depth, after refusing to remove all of it (before any scoring is spent)."""
-    from methods.errors import UsageError
-
-    total = len(decoder_layers(model))
-    if count >= total:
-        raise UsageError(f"cannot remove {count} of the model's {total} layers: at least one must remain")
-    return total

@@ -33,10 +33,10 @@ torch.rand(channels) per group. Each group then loses `n - int(n * (1 - ratio))`
 root's channels), in whole heads for attention (`(n - int(...)) // head_dim` heads): the lowest
 scores by torch.argsort.
 
-Precision (spec P13): gradients and scores are computed in `grad_dtype` on the compute device.
+Precision: gradients and scores are computed in `grad_dtype` on the compute device (methods/gradients.py).
 float32 is the upstream README's CPU setting; "float16" reproduces the collection's `--device cuda`
-runs (model.half()), where element2's g^2/N underflows. The model is copied to the device in that
-dtype once and its own tensors are put back afterwards, untouched.
+runs (model.half()), where element2's g^2/N underflows; "model" keeps the loaded dtype. The model is
+copied to the device in that dtype once and its own tensors are put back afterwards, untouched.
 
 Random importance (spec P14) draws from torch's global generator in layer order, attention before
 MLP (the order the original's pruner visits its groups); the caller's seeding decides the draw
@@ -53,7 +53,6 @@ the vocabulary is a multiple of the hidden size).
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 from typing import Annotated, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
@@ -62,7 +61,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from methods import surgery
+from methods import gradients, surgery
 from methods.anatomy import decoder_layers
 from methods.errors import UsageError
 from methods.options import method_options
@@ -77,7 +76,6 @@ IMPORTANCE = {
     "l1": ("magnitude", 1),
     "random": ("random", None),
 }
-GRAD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_LAYERS = "4:30"  # the scripts' block_{attention,mlp}_layer_{start,end} (the code default is 3:31)
 _RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -266,8 +264,8 @@ def _score(model: nn.Module, groups: Sequence[Group], calib: torch.Tensor, crite
             out[id(group)] = _per_unit(channels, group)
         return out
     weights = {id(module.weight): module.weight for g in groups for _, module, _ in g.members}
-    dtype = GRAD_DTYPES[options.grad_dtype]
-    with _on_device(model, device, dtype, trainable=weights.values() if criterion == "taylor" else ()):
+    with gradients.on_device(model, device, options.grad_dtype,
+                             trainable=weights.values() if criterion == "taylor" else ()):
         grads: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         if criterion == "taylor":
             grads = _taylor_gradients(model, calib, list(weights.values()), device,
@@ -343,55 +341,17 @@ def _taylor_gradients(model: nn.Module, calib: torch.Tensor, weights: List[torch
     acc: Dict[int, torch.Tensor] = {}
     if second_order:
         for row in range(samples):
-            _backward(model, tokens[row:row + 1])
+            gradients.backward(model, tokens[row:row + 1])
             for weight in weights:
                 term = weight.grad * weight.grad / samples
                 acc[id(weight)] = term if id(weight) not in acc else acc[id(weight)] + term
                 weight.grad = None
-    _backward(model, tokens)
+    gradients.backward(model, tokens)
     grads = {}
     for weight in weights:
         grads[id(weight)] = (weight.grad, acc.get(id(weight)))
         weight.grad = None
     return grads
-
-
-def _backward(model: nn.Module, tokens: torch.Tensor) -> None:
-    with torch.enable_grad():
-        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise UsageError(f"the calibration loss is {loss.item()}: no usable gradients for Taylor importance "
-                             "(try grad_dtype float32)")
-        loss.backward()
-
-
-@contextlib.contextmanager
-def _on_device(model: nn.Module, device: torch.device, dtype: torch.dtype, trainable) -> Iterator[None]:
-    """Run the body with the model's parameters on `device` in `dtype`, gradients only for `trainable`;
-    afterwards the model holds exactly its own tensors again (no dtype round trip, no stale grads)."""
-    trainable_ids = {id(t) for t in trainable}
-    saved = []
-    for param in model.parameters():
-        saved.append((param, param.data, param.requires_grad))
-        moved = param.data.to(device=device, dtype=dtype if param.is_floating_point() else None)
-        param.data = moved
-        param.requires_grad_(id(param) in trainable_ids)
-        param.grad = None
-    buffers = [(module, name, buf) for module in model.modules() for name, buf in module.named_buffers(recurse=False)
-               if buf is not None]
-    for module, name, buf in buffers:
-        module._buffers[name] = buf.to(device)  # rotary tables: device only, their dtype is the model's business
-    try:
-        yield
-    finally:
-        for param, data, requires_grad in saved:
-            param.data = data
-            param.grad = None
-            param.requires_grad_(requires_grad)
-        for module, name, buf in buffers:
-            module._buffers[name] = buf
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- report helpers

@@ -11,19 +11,18 @@ Scorers (spec B 1.2, 1.3):
 
 ``score="ppl"``
     Every calibration row is one window: exp of the seq_len-weighted mean of the windows' mean
-    next-token cross-entropy (methods.depth.calib_perplexity). The collection cut its windows from
+    next-token cross-entropy (methods.scoring's ``minitron`` protocol). The collection cut its windows from
     one tokenized stream (repro.data's ``wikitext103-train``, ``pg19`` and ``windows:PATH`` specs do the same).
 ``score=<lm-eval task>``
-    lm-eval on the in-memory model with the tokenizer (repro.evaluate.run_tasks), metric ``acc``,
+    lm-eval on the in-memory model with the tokenizer (methods.scoring.run_tasks), metric ``acc``,
     ``num_fewshot`` shots, ``limit`` passed through (the collection passed its calib_size, i.e. the
     whole set). The kit's own task folder is searched too, so ``lpc_smoke_mc`` works on the smoke
     model. The calibration rows are not used by this scorer. Unlike the collection, the kit's
-    harness adds no BOS (repro.evaluate) and runs with ``batch_size`` (the collection: 1, with an
+    harness adds no BOS (methods.scoring) and runs with ``batch_size`` (the collection: 1, with an
     automatic batch up to 64 for some request types).
 """
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Callable, List, Literal, Optional
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 from methods import depth, surgery
 from methods.errors import UsageError
 from methods.options import method_options
+from methods.scoring import TaskSpec, cell_value, known_tasks, perplexity, run_tasks
 
 PPL = "ppl"
 
@@ -62,7 +62,7 @@ class Options:
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device,
           tokenizer=None) -> dict:
     count = options.remove_layers
-    total = depth.check_removable(model, count)
+    total = surgery.check_removable(model, count)
     if options.score != PPL and tokenizer is None:
         raise UsageError(f"scoring with task {options.score!r} needs the model's tokenizer")
     scorer = _scorer(options, calib, tokenizer)
@@ -93,9 +93,7 @@ def choose(candidates: List[float], baseline: float, select: str, *, higher_is_b
 
 def _scorer(options: Options, calib: torch.Tensor, tokenizer) -> Callable[[nn.Module], float]:
     if options.score == PPL:
-        return lambda model: depth.calib_perplexity(model, calib)
-    from repro.evaluate import TaskSpec, cell_value, run_tasks
-
+        return lambda model: perplexity(model, calib, "minitron")
     spec = TaskSpec(options.score, num_fewshot=options.num_fewshot, metric="acc")
 
     def accuracy(model: nn.Module) -> float:
@@ -105,13 +103,3 @@ def _scorer(options: Options, calib: torch.Tensor, tokenizer) -> Callable[[nn.Mo
     return accuracy
 
 
-@functools.lru_cache(maxsize=1)
-def known_tasks() -> frozenset:
-    """Every task name lm-eval can load, the kit's shipped tasks included (indexing takes seconds)."""
-    from repro.evaluate import SMOKE_TASK_DIR
-
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise UsageError(f"scoring with an lm-eval task needs lm-eval 0.4.x: {exc}") from None
-    return frozenset(TaskManager(include_path=[str(SMOKE_TASK_DIR)]).all_tasks)

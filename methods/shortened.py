@@ -2,14 +2,16 @@
 
 Every block gets one importance score from the dense model, the blocks are ranked ascending (least
 important first), and the first `remove_layers` candidates are deleted. Nothing is re-scored after a
-removal. Two criteria (spec A section 10):
+removal. Two criteria:
 
-* ``ppl``: the perplexity of the calibration rows (each row fed alone, exp of the mean token NLL)
-  when only that block is missing. The block whose absence hurts least goes first.
-* ``taylor``: one backward pass of the causal-LM loss over all calibration rows as one batch; per
-  weight, salience s = W * dL/dW; a matrix scores sum_rows(sum_cols |s|^p), an RMSNorm vector
-  sum |s|^p (p = `norm_power`); the block scores the sum of its weights' scores. Every parameter of
-  the block whose name holds "weight" counts, the two RMSNorms included; biases do not.
+* ``ppl``: the perplexity of the calibration rows (methods.scoring's ``rows`` protocol: each row fed
+  alone, exp of the mean token NLL) when only that block is missing. The block whose absence hurts
+  least goes first.
+* ``taylor``: one backward pass of the causal-LM loss over all calibration rows as one batch, in
+  ``grad_dtype`` (methods/gradients.py); per weight, salience s = W * dL/dW; a matrix scores
+  sum_rows(sum_cols |s|^p), an RMSNorm vector sum |s|^p (p = `norm_power`); the block scores the sum
+  of its weights' scores. Every parameter of the block whose name holds "weight" counts, the two
+  RMSNorms included; biases do not.
 
 The "+" heuristic (on by default, for both criteria, as in the original's block_prune.py) takes
 blocks 0-3 and the last two out of the candidates; ``plus_heuristic=False`` is the original's
@@ -17,20 +19,19 @@ blocks 0-3 and the last two out of the candidates; ``plus_heuristic=False`` is t
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Annotated, Iterator, List, Literal, Sequence
+from typing import Annotated, List, Literal, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from methods import surgery
+from methods import gradients, surgery
 from methods.anatomy import decoder_layers
-from methods.depth import layers_skipped, on_device
+from methods.depth import input_device, layers_skipped, on_device
 from methods.errors import UsageError
 from methods.options import method_options
+from methods.scoring import perplexity
 
 FIRST_KEPT = 4   # blocks 0..3 are never candidates under "+"
 LAST_KEPT = 2    # nor are the last two
@@ -57,19 +58,17 @@ class Options:
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
-    total = len(decoder_layers(model))
+    total = surgery.check_removable(model, options.remove_layers)
     pool = candidates(range(total), total, options.plus_heuristic)
-    if options.remove_layers >= total:
-        raise UsageError(f"remove_layers={options.remove_layers} would leave no layer of the model's {total}")
     if options.remove_layers > len(pool):
         raise UsageError(f"remove_layers={options.remove_layers} exceeds the {len(pool)} candidate blocks left "
                          f"of {total} after the '+' heuristic (blocks 0-3 and the last two are kept)")
-    # Both criteria run the model whole, as the original did.
-    with on_device(model, device):
-        if options.criterion == "ppl":
+    # Both criteria run the model whole, as the original did; the gradient pass moves it itself.
+    if options.criterion == "ppl":
+        with on_device(model, device):
             scores = ppl_scores(model, calib)
-        else:
-            scores = taylor_scores(model, calib, options)
+    else:
+        scores = taylor_scores(model, calib, options, device)
     order = rank(scores)
     removed = blocks_to_remove(order, options.remove_layers, total, options.plus_heuristic)
     surgery.remove_layers(model, removed)
@@ -115,31 +114,23 @@ def ppl_scores(model: nn.Module, calib: torch.Tensor) -> List[float]:
     scores = []
     for block in range(len(decoder_layers(model))):
         with layers_skipped(model, [block]):
-            scores.append(rows_perplexity(model, calib))
+            scores.append(perplexity(model, calib, "rows"))
     return scores
-
-
-@torch.no_grad()
-def rows_perplexity(model: nn.Module, rows: torch.Tensor) -> float:
-    """exp(mean next-token NLL over all rows), each row fed alone; logits in fp32 as transformers
-    4.40 (the original's pin) always cast them."""
-    device = model.get_input_embeddings().weight.device
-    nlls = []
-    for row in rows:
-        ids = row.reshape(1, -1).to(device=device, dtype=torch.long)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nlls.append(F.cross_entropy(logits, ids[0, 1:], reduction="none"))
-    return math.exp(torch.cat(nlls).mean().item())
 
 
 # ----------------------------------------------------------------------------- Taylor criterion
 
-def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options) -> List[float]:
-    """Per block: the reduction of its weights' |W * G|^p scores (see the module docstring)."""
+def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options,
+                  device: Optional[torch.device] = None) -> List[float]:
+    """Per block: the reduction of its weights' |W * G|^p scores (see the module docstring).
+
+    The pass runs on `device` (default: where the model is)."""
     weights = [[(name, p) for name, p in layer.named_parameters() if "weight" in name]
                for layer in decoder_layers(model)]
     scores = []
-    with _gradients(model, calib, [p for block in weights for _, p in block], options.grad_dtype):
+    device = input_device(model) if device is None else device
+    with gradients.on_device(model, device, options.grad_dtype, trainable=[p for block in weights for _, p in block]):
+        gradients.backward(model, calib)
         for block in weights:
             values = []
             for name, p in block:
@@ -148,40 +139,6 @@ def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options) -> Li
                 p.grad = None  # free as we go: a 7B model's fp32 gradients alone take 26 GB
             scores.append(_reduce(torch.tensor(values, dtype=torch.float32), options.block_reduction).item())
     return scores
-
-
-@contextlib.contextmanager
-def _gradients(model: nn.Module, calib: torch.Tensor, params: List[nn.Parameter],
-               gradient_dtype: str) -> Iterator[None]:
-    """`params` hold dL/dW of one backward pass over the whole calibration batch while inside;
-    dtypes, requires_grad flags and gradients are put back on exit."""
-    flags = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
-    try:
-        if gradient_dtype == "float32":
-            # Parameters only: fp16/bf16 -> fp32 is exact, and so is the way back. Buffers such as the
-            # rotary inv_freq are left alone, since a round trip through fp16 would change them.
-            for p, _, dtype in flags:
-                if dtype != torch.float32 and p.is_floating_point():
-                    p.data = p.data.float()
-        # Only the block weights need gradients; activations carry them through everything else.
-        for p, _, _ in flags:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-            p.grad = None
-        ids = calib.to(device=model.get_input_embeddings().weight.device, dtype=torch.long)
-        with torch.enable_grad():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-        del loss
-        yield
-    finally:
-        for p in params:
-            p.grad = None
-        for p, flag, dtype in flags:
-            if p.dtype != dtype:
-                p.data = p.data.to(dtype)
-            p.requires_grad_(flag)
 
 
 def _weight_score(salience: torch.Tensor, name: str, options: Options) -> float:

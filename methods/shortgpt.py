@@ -64,7 +64,7 @@ class Options:
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
     count = options.remove_layers
-    total = depth.check_removable(model, count)
+    total = surgery.check_removable(model, count)
     if options.variant == "random":
         removed = random.Random(options.seed).sample(range(total), count)
         surgery.remove_layers(model, removed)

@@ -176,16 +176,33 @@ def _slice_norm(norm: nn.Module, keep: Sequence[int]) -> None:
     norm.weight = nn.Parameter(norm.weight.data.index_select(0, index).contiguous())
 
 
+def check_removable(model: nn.Module, count: int) -> int:
+    """The model's depth, after refusing to remove all of it (callers ask before spending on scores)."""
+    total = len(decoder_layers(model))
+    if count >= total:
+        raise UsageError(f"cannot remove {count} of the model's {total} layers: at least one must remain")
+    return total
+
+
 def remove_layers(model: nn.Module, indices: Sequence[int]) -> List[int]:
     """Delete whole decoder layers; renumber the rest so caching and saving see a contiguous stack."""
-    layers = decoder_layers(model)
-    total = len(layers)
+    total = len(decoder_layers(model))
     drop = sorted(set(int(i) for i in indices))
     if any(i < 0 or i >= total for i in drop):
         raise UsageError(f"layer index out of range 0..{total - 1}: {drop}")
-    if len(drop) >= total:
-        raise UsageError(f"cannot remove {len(drop)} of the model's {total} layers: at least one must remain")
-    kept = [i for i in range(total) if i not in drop]
+    check_removable(model, len(drop))
+    keep_layers(model, [i for i in range(total) if i not in drop])
+    return drop
+
+
+def keep_layers(model: nn.Module, kept: Sequence[int]) -> None:
+    """Make the decoder stack the layers `kept` (current indices, ascending), renumbered 0..n-1.
+
+    Each layer's (and its attention's) layer_idx picks its KV-cache slot, and per-layer config
+    lists and num_hidden_layers describe the stack, so all of them follow.
+    """
+    layers = decoder_layers(model)
+    total = len(layers)
     model.model.layers = nn.ModuleList(layers[i] for i in kept)
     for new_index, layer in enumerate(model.model.layers):
         for module in (layer, layer.self_attn):
@@ -197,7 +214,6 @@ def remove_layers(model: nn.Module, indices: Sequence[int]) -> List[int]:
         if isinstance(values, (list, tuple)) and len(values) == total:
             setattr(config, name, [values[i] for i in kept])
     config.num_hidden_layers = len(kept)
-    return drop
 
 
 def layer_widths(model: nn.Module) -> List[Dict[str, int]]:

@@ -1,86 +1,19 @@
-"""Evaluation: the papers' perplexity protocols and zero/few-shot tasks through lm-eval.
+"""Evaluate a model on every metric of a method's table: perplexities, lm-eval accuracies, structure.
 
-Perplexity
-----------
-Every protocol here is one formula: cut the token stream into non-overlapping windows, score each
-window's next-token predictions, and report exp(mean of the per-window mean NLL). With equal-length
-windows that equals exp(mean token NLL), so Wanda's ``exp(sum(loss * seqlen) / (nwin * seqlen))`` and
-LLM-Pruner's ``exp(mean(all token losses))`` are the same number. The protocols differ only in the
-window (spec P1): the model's context for Wanda / SparseGPT / magnitude (``ppl_wanda``), 128 tokens
-for FLAP, Wanda-sp, LLM-Pruner and Shortened LLaMA (``ppl_128``). Never compare across windows.
-
-Logits are cast to float32 before the softmax whatever the model's dtype, the model runs with
-``use_cache=False`` on the device of its input embedding, and the remainder of the stream that does
-not fill a window is dropped. Batching windows does not change the result beyond float rounding.
-
-Tasks (lm-eval)
----------------
-``run_tasks`` wraps the in-memory model in lm-eval's HF backend (``HFLM(pretrained=model, ...)``), so
-a pruned model is evaluated without saving it. Conventions, chosen to match the papers (spec §1.5,
-§9.6, §11, P3, P4):
-
-* No BOS before contexts: the 0.3-era harnesses the papers used tokenized with
-  ``add_special_tokens=False``. lm-eval 0.4.x exposes this as ``HFLM(add_bos_token=...)``: ``None``
-  (the default since 0.4.6 or so) means "whatever the tokenizer does", which is BOS for Llama;
-  the kit always passes ``add_bos_token=False``. lm-eval still drops a BOS that the prompt text itself
-  starts with and conditions empty contexts on the BOS/EOS id, as every version did.
-* The metric is named per table cell (``acc`` or ``acc_norm``); every metric the harness reported is
-  kept, so one run of a (task, shots) pair serves every cell that needs it.
-* Seeds: Python, numpy, torch and the few-shot sampler are all seeded with ``seed`` (default 1234,
-  the harness's own default), explicitly, so no version's default can drift.
-* Values are fractions in [0, 1], as lm-eval reports them.
-
-Note that 0.4.x task configs differ from the 0.3-era ones in prompts and splits for some tasks (P4);
-paper tables carry that caveat, this module does not hide it.
+The scoring itself (the perplexity protocols, the lm-eval wrapper) lives in methods/scoring.py,
+because methods score candidates with the same code; this module reads a table's metric specs,
+fetches the evaluation tokens and turns the scores into the numbers a result file holds.
 """
 from __future__ import annotations
 
-import inspect
-import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict
 
-import torch
-import torch.nn.functional as F
+from methods import scoring, surgery
+from repro import data
+from repro.tables import Profile
 
-from methods.errors import UsageError
-from repro.provenance import package_version
-
-SMOKE_TASK_DIR = Path(__file__).resolve().parent / "assets" / "tasks"
-SMOKE_TASK = "lpc_smoke_mc"
-DEFAULT_SEED = 1234
-# The collection caps the Wanda window at 8192 so Llama-3.x's 131072 context stays usable (spec §1.1).
+# The collection caps the Wanda window at 8192 so Llama-3.x's 131072 context stays usable.
 MAX_MODEL_SEQLEN = 8192
-
-
-# ----------------------------------------------------------------------------- perplexity
-
-def perplexity_windows(model, tokens: torch.Tensor, seqlen: int, *, bos_per_window: Optional[int] = None,
-                       batch_size: int = 1) -> float:
-    """exp(mean over non-overlapping `seqlen` windows of the window's mean next-token NLL).
-
-    `tokens` is [1, N]; the last N mod seqlen tokens are dropped. With `bos_per_window` set to a token
-    id, that id is put in front of every window (Shortened LLaMA's ``ppl_bos`` variant, spec §10.8;
-    the stream should then be tokenized without BOS), so each window scores seqlen predictions.
-    """
-    stream = _token_stream(tokens)
-    _check_int("seqlen", seqlen, minimum=2 if bos_per_window is None else 1)
-    _check_int("batch_size", batch_size, minimum=1)
-    nwin = stream.numel() // seqlen
-    if nwin == 0:
-        raise UsageError(f"the token stream has {stream.numel()} tokens, fewer than one window of {seqlen}")
-    windows = stream[:nwin * seqlen].reshape(nwin, seqlen)
-    if bos_per_window is not None:
-        _check_int("bos_per_window", bos_per_window, minimum=0)
-        windows = torch.cat([torch.full((nwin, 1), bos_per_window, dtype=torch.long), windows], dim=1)
-    means = []
-    with _inference(model):
-        for first in range(0, nwin, batch_size):
-            batch = windows[first:first + batch_size]
-            means.append(_token_nll(model, batch).mean(dim=1))
-    return math.exp(torch.cat(means).mean().item())
 
 
 def model_seqlen(model) -> int:
@@ -88,308 +21,61 @@ def model_seqlen(model) -> int:
     return min(int(model.config.max_position_embeddings), MAX_MODEL_SEQLEN)
 
 
-def ppl_wanda(model, tokens: torch.Tensor, seqlen: Optional[int] = None, *, batch_size: int = 1) -> float:
-    """Wanda / SparseGPT / magnitude (spec §1.4): windows of the model's context (4096 for Llama-2).
+def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict[object, object]):
+    """Every metric the table declares: perplexities directly, accuracies through lm-eval.
 
-    Batch size 1 and one BOS at the start of the whole stream, as ``eval_tokens('wikitext2')`` gives.
+    `cache` keeps evaluation token streams across the rows of one run.
     """
-    return perplexity_windows(model, tokens, model_seqlen(model) if seqlen is None else seqlen,
-                              batch_size=batch_size)
+    metrics: Dict[str, float] = {}
+    tasks = []
+    for key, metric in table.metrics.items():
+        spec = metric.spec
+        if metric.kind == "structure":
+            metrics[key] = structure_value(model, spec["field"])
+        elif metric.kind == "perplexity":
+            # bos: every_window = Shortened LLaMA's ppl_bos (stream without BOS, one before each window).
+            every_window = spec.get("bos") == "every_window"
+            cache_key = ("eval", spec["data"], every_window)
+            if cache_key not in cache:
+                cache[cache_key] = data.eval_tokens(spec["data"], tokenizer=tokenizer,
+                                                    add_special_tokens=not every_window)
+            tokens = cache[cache_key]
+            seqlen = int(spec["seqlen"])
+            if "max_windows" in spec:  # smoke: a fixed prefix of the stream keeps CPU runs short
+                tokens = tokens[:, : int(spec["max_windows"]) * seqlen]
+            if spec["protocol"] == "rows":
+                metrics[key] = scoring.perplexity(model, tokens.reshape(-1, seqlen), "rows")
+            else:
+                bos = tokenizer.bos_token_id if every_window else None
+                metrics[key] = scoring.perplexity(model, tokens, "windows", seqlen=seqlen, bos_per_window=bos)
+        else:
+            tasks.append((key, scoring.TaskSpec(name=spec["task"], num_fewshot=int(spec["shots"]),
+                                                metric=spec["metric"])))
+    harness = None
+    if tasks:
+        scores = scoring.run_tasks(model, tokenizer, [t for _, t in tasks],
+                                   batch_size=int(config.get("batch_size", 1)),
+                                   limit=config.get("limit"))
+        harness = scores.pop("harness")
+        for key, task in tasks:
+            metrics[key] = 100.0 * scoring.cell_value(scores, task)
+        harness["tasks"] = {k: {f: v for f, v in e.items() if f != "metrics"} for k, e in scores.items()}
+    return metrics, harness
 
 
-def ppl_128(model, tokens: torch.Tensor, *, batch_size: int = 1, bos_per_window: Optional[int] = None) -> float:
-    """FLAP / Wanda-sp / LLM-Pruner / Shortened LLaMA (spec §8, §9.6, §10.8): windows of 128 tokens.
-
-    Upstream batched 4 windows (1 in the collection); that only changes float rounding.
-    """
-    return perplexity_windows(model, tokens, 128, batch_size=batch_size, bos_per_window=bos_per_window)
-
-
-def perplexity_rows(model, rows: torch.Tensor) -> float:
-    """exp of the mean NLL over all rows' next-token predictions, each row fed alone as [1, L].
-
-    The golden fixtures' formula: ``exp(1/(n*(L-1)) * sum_r sum_t -log p(rows[r, t+1] | rows[r, :t+1]))``.
-    """
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] < 2 or rows.shape[0] < 1:
-        raise UsageError(f"rows must be a [n, L] token tensor with L >= 2, got {_shape(rows)}")
-    _check_token_dtype(rows)
-    total, count = 0.0, 0
-    with _inference(model):
-        for row in rows:
-            nll = _token_nll(model, row.reshape(1, -1))
-            total += nll.sum().item()
-            count += nll.numel()
-    return math.exp(total / count)
-
-
-def _token_nll(model, batch: torch.Tensor) -> torch.Tensor:
-    """-log p of tokens 1..L-1 given their prefix, [b, L-1], float32 on the CPU."""
-    device = model.get_input_embeddings().weight.device
-    batch = batch.to(device=device, dtype=torch.long)
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-    return nll.reshape(batch.shape[0], -1).cpu()
-
-
-class _inference:
-    """no_grad and eval mode for the duration; the caller's training mode comes back afterwards."""
-
-    def __init__(self, model):
-        self.model = model
-        self.was_training = bool(getattr(model, "training", False))
-        self.no_grad = torch.no_grad()
-
-    def __enter__(self):
-        self.no_grad.__enter__()
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-        return self.no_grad.__exit__(*exc)
-
-
-def _token_stream(tokens) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise UsageError(f"tokens must be a [1, N] token tensor, got {_shape(tokens)}")
-    _check_token_dtype(tokens)
-    return tokens[0].to(torch.long).cpu()
-
-
-def _check_token_dtype(tokens: torch.Tensor) -> None:
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise UsageError(f"token ids must be integers, got {tokens.dtype}")
-
-
-def _check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _shape(obj) -> str:
-    return f"shape {list(obj.shape)}" if isinstance(obj, torch.Tensor) else type(obj).__name__
-
-
-# ----------------------------------------------------------------------------- lm-eval tasks
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One requested number: a task, its few-shot count and the metric a table cell reports.
-
-    `split` is a free-text note (e.g. "validation, 3270") for provenance; the task config decides the
-    split lm-eval actually uses.
-    """
-
-    name: str
-    num_fewshot: int = 0
-    metric: str = "acc"
-    split: Optional[str] = None
-
-    @property
-    def key(self) -> str:
-        """The result key: the task name for zero-shot, ``name@N`` for N-shot."""
-        return self.name if self.num_fewshot == 0 else f"{self.name}@{self.num_fewshot}"
-
-
-def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: int = 1, limit=None,
-              seed: int = DEFAULT_SEED, include_paths: Iterable = ()) -> Dict[str, Any]:
-    """Evaluate `model` on lm-eval tasks; every (task, shots) pair runs once.
-
-    Returns ``{spec.key: entry, ..., "harness": {...}}``. An entry holds the metric of the first spec
-    with that key (``value`` as a fraction, ``metric``, ``stderr``), ``metrics`` with every metric the
-    harness reported (``{"acc": {"value", "stderr"}, "acc_norm": ...}``) for the other cells of the same
-    (task, shots), ``n`` (examples scored), ``num_fewshot`` and ``task_version``. ``cell_value`` reads one
-    cell. The shipped task ``lpc_smoke_mc`` is always findable; more task folders go in `include_paths`.
-    """
-    specs = [_as_spec(t) for t in tasks]
-    if not specs:
-        raise UsageError("no tasks requested")
-    _check_int("batch_size", batch_size, minimum=1)
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
-    paths = [SMOKE_TASK_DIR] + [Path(os.path.expanduser(str(p))) for p in include_paths]
-    for path in paths:
-        if not path.is_dir():
-            raise UsageError(f"task include path is not a directory: {path}")
-    include = [str(p) for p in paths]
-    manager = TaskManager(include_path=include)
-    unknown = sorted({s.name for s in specs} - set(manager.all_tasks))
-    if unknown:
-        raise UsageError(f"unknown lm-eval task(s): {', '.join(unknown)}")
-    local_configs = _local_data_overrides(paths)
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
-    # Group the runs by shot count: simple_evaluate takes one num_fewshot for all its tasks.
-    by_shots: Dict[int, List[str]] = {}
-    for spec in specs:
-        names = by_shots.setdefault(spec.num_fewshot, [])
-        if spec.name not in names:
-            names.append(spec.name)
-    seeds = _seed_kwargs(lm_eval.simple_evaluate, seed)
-    raw: Dict[int, Dict[str, Any]] = {}
-    for number, (shots, names) in enumerate(by_shots.items()):
-        if number:
-            # lm-eval 0.4.8/0.4.9 managers remember group members across loads and would rename a
-            # group's subtasks the second time; a fresh index per run avoids that.
-            manager = TaskManager(include_path=include)
-        requested = [dict(local_configs[n]) if n in local_configs else n for n in names]
-        raw[shots] = lm_eval.simple_evaluate(
-            model=lm, tasks=requested, num_fewshot=shots, batch_size=batch_size, limit=limit,
-            task_manager=manager, log_samples=False, **seeds)
-
-    out: Dict[str, Any] = {}
-    versions: Dict[str, Any] = {}
-    for spec in specs:
-        result = raw[spec.num_fewshot]
-        versions.update(result.get("versions", {}))
-        if spec.key not in out:
-            out[spec.key] = _entry(result, spec)
-        elif spec.metric not in out[spec.key]["metrics"]:
-            raise _missing_metric(spec, out[spec.key]["metrics"])
-    out["harness"] = {
-        "lm_eval": getattr(lm_eval, "__version__", None) or package_version("lm_eval"),
-        "task_versions": dict(sorted((str(k), v) for k, v in versions.items())),
-        "add_bos_token": False,
-        "seed": seed,
-        "batch_size": batch_size,
-        "limit": limit,
-    }
-    return out
-
-
-def cell_value(results: Dict[str, Any], spec: TaskSpec) -> float:
-    """The fraction one table cell (task, shots, metric) reports, from `run_tasks`' result."""
-    entry = results.get(spec.key)
-    if entry is None:
-        raise UsageError(f"no result for task {spec.key}")
-    if spec.metric not in entry["metrics"]:
-        raise _missing_metric(spec, entry["metrics"])
-    return entry["metrics"][spec.metric]["value"]
-
-
-def _entry(result: Dict[str, Any], spec: TaskSpec) -> Dict[str, Any]:
-    row = result["results"][spec.name]
-    metrics: Dict[str, Dict[str, Optional[float]]] = {}
-    for field, value in row.items():
-        # lm-eval names fields "<metric>,<filter>" and "<metric>_stderr,<filter>".
-        # Fields without a filter part ("alias", "sample_len") are bookkeeping, not metrics.
-        name, comma, filt = field.partition(",")
-        if not comma or name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        # The unfiltered value wins over a filtered variant of the same metric.
-        if filt != "none" and name in metrics:
-            continue
-        stderr = row.get(f"{name}_stderr,{filt}")
-        metrics[name] = {"value": float(value), "stderr": _float_or_none(stderr)}
-    if spec.metric not in metrics:
-        raise _missing_metric(spec, metrics)
-    return {
-        "value": metrics[spec.metric]["value"],
-        "metric": spec.metric,
-        "stderr": metrics[spec.metric]["stderr"],
-        "metrics": metrics,
-        "n": _sample_count(result, spec.name),
-        "num_fewshot": spec.num_fewshot,
-        "task_version": result.get("versions", {}).get(spec.name),
-        "split": spec.split,
-    }
-
-
-def _sample_count(result: Dict[str, Any], name: str) -> Optional[int]:
-    counts = result.get("n-samples") or {}
-    if name in counts:
-        return int(counts[name].get("effective", counts[name].get("original")))
-    # A group has no count of its own; its subtasks do.
-    children = (result.get("group_subtasks") or {}).get(name) or []
-    found = [_sample_count(result, child) for child in children]
-    return sum(found) if found and None not in found else None
-
-
-def _missing_metric(spec: TaskSpec, metrics: Dict[str, Any]) -> UsageError:
-    return UsageError(f"task {spec.name} reported no metric {spec.metric!r}; it has: {', '.join(sorted(metrics)) or 'none'}")
-
-
-def _float_or_none(value) -> Optional[float]:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
-
-
-def _as_spec(task) -> TaskSpec:
-    if isinstance(task, TaskSpec):
-        spec = task
-    elif isinstance(task, str):
-        spec = TaskSpec(task)
-    else:
-        raise UsageError(f"a task must be a TaskSpec or a task name, got {type(task).__name__}")
-    if not spec.name:
-        raise UsageError("a task name is empty")
-    _check_int(f"num_fewshot of {spec.name}", spec.num_fewshot, minimum=0)
-    return spec
-
-
-def _seed_kwargs(simple_evaluate, seed: int) -> Dict[str, int]:
-    # Older 0.4.x releases lack some of these keywords; pass every one this version has.
-    accepted = inspect.signature(simple_evaluate).parameters
-    names = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
-    return {name: seed for name in names if name in accepted}
-
-
-def _local_data_overrides(paths: Sequence[Path]) -> Dict[str, Dict[str, Any]]:
-    """Full configs of self-contained local task YAMLs, their relative ``data_files`` made absolute.
-
-    lm-eval hands ``data_files`` to ``datasets.load_dataset``, which resolves them against the working
-    directory, so a shipped task would only load when run from one folder. The whole config is passed
-    (as an inline task) because 0.4.13 no longer merges a dict with the registered YAML. YAMLs that
-    ``include`` others or use ``!function`` are left to lm-eval as they are.
-    """
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        tagged = False
-
-    def _tag(loader, suffix, node):
-        loader.tagged = True
-        return None
-
-    _Loader.add_multi_constructor("!", _tag)
-    configs: Dict[str, Dict[str, Any]] = {}
-    for root in paths:
-        for yaml_path in sorted(root.rglob("*.yaml")):
-            loader = _Loader(yaml_path.read_text(encoding="utf-8"))
-            try:
-                config = loader.get_single_data()
-            except yaml.YAMLError:
-                continue
-            finally:
-                loader.dispose()
-            if loader.tagged or not isinstance(config, dict) or "include" in config:
-                continue
-            kwargs = config.get("dataset_kwargs")
-            if not isinstance(config.get("task"), str) or not isinstance(kwargs, dict) or "data_files" not in kwargs:
-                continue
-            resolved = _resolve_files(kwargs["data_files"], yaml_path.parent)
-            if resolved != kwargs["data_files"]:
-                configs[config["task"]] = dict(config, dataset_kwargs=dict(kwargs, data_files=resolved))
-    return configs
-
-
-def _resolve_files(files, base: Path):
-    if isinstance(files, str):
-        return files if os.path.isabs(files) or "://" in files else str(base / files)
-    if isinstance(files, list):
-        return [_resolve_files(f, base) for f in files]
-    if isinstance(files, dict):
-        return {k: _resolve_files(v, base) for k, v in files.items()}
-    return files
-
-
-def _import_lm_eval() -> Tuple[Any, Any, Any]:
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise UsageError(f"task evaluation needs lm-eval 0.4.x (pip install 'lm-eval>=0.4'): {exc}") from None
-    return lm_eval, HFLM, TaskManager
+def structure_value(model, field: str) -> float:
+    """A shape or parameter count of the (pruned) model, as a table's `structure` metric reads it."""
+    if field == "parameters":
+        return float(surgery.count_parameters(model))
+    if field == "non_embedding_parameters":
+        embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None for p in m.parameters()}
+        return float(sum(p.numel() for p in model.parameters() if id(p) not in embeddings))
+    widths = surgery.layer_widths(model)
+    per_layer = {"intermediate_size": "intermediate", "num_attention_heads": "heads",
+                 "num_key_value_heads": "kv_heads"}
+    if field in per_layer:  # the mean over layers: equal to the config value when widths are uniform
+        return sum(w[per_layer[field]] for w in widths) / len(widths)
+    if field == "num_hidden_layers":
+        return float(len(widths))
+    return float(model.get_input_embeddings().weight.shape[1])  # hidden_size

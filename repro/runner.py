@@ -25,6 +25,7 @@ from pydantic import BeforeValidator, Field
 import methods
 from methods.errors import UsageError
 from repro import diff as differ
+from repro.evaluate import evaluate_metrics
 from repro.models import load_model
 from repro.provenance import provenance
 from repro.results import read_json, write_json_atomic
@@ -215,64 +216,6 @@ def run_row(recipe: Recipe, table: Profile, row: str, cache: Dict[str, object]) 
         "batch_size": config.get("batch_size", 1), "prune": report, "recovery": recovery, "stages": stages,
         "provenance": provenance(),
     }
-
-
-def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict[str, object]):
-    """Every metric the table declares: perplexities directly, accuracies through lm-eval."""
-    from repro import data, evaluate
-
-    metrics: Dict[str, float] = {}
-    tasks = []
-    for key, metric in table.metrics.items():
-        spec = metric.spec
-        if metric.kind == "structure":
-            metrics[key] = structure_value(model, spec["field"])
-        elif metric.kind == "perplexity":
-            # bos: every_window = Shortened LLaMA's ppl_bos (stream without BOS, one before each window).
-            every_window = spec.get("bos") == "every_window"
-            tokens = _cached(cache, ("eval", spec["data"], every_window),
-                             lambda: data.eval_tokens(spec["data"], tokenizer=tokenizer,
-                                                      add_special_tokens=not every_window))
-            if "max_windows" in spec:  # smoke: a fixed prefix of the stream keeps CPU runs short
-                tokens = tokens[:, : int(spec["max_windows"]) * int(spec["seqlen"])]
-            if spec["protocol"] == "rows":
-                metrics[key] = evaluate.perplexity_rows(model, tokens.reshape(-1, int(spec["seqlen"])))
-            else:
-                bos = tokenizer.bos_token_id if every_window else None
-                metrics[key] = evaluate.perplexity_windows(model, tokens, int(spec["seqlen"]), bos_per_window=bos)
-        else:
-            tasks.append((key, evaluate.TaskSpec(name=spec["task"], num_fewshot=int(spec["shots"]),
-                                                 metric=spec["metric"])))
-    harness = None
-    if tasks:
-        scores = evaluate.run_tasks(model, tokenizer, [t for _, t in tasks],
-                                    batch_size=int(config.get("batch_size", 1)),
-                                    limit=config.get("limit"))
-        harness = scores.pop("harness")
-        for key, task in tasks:
-            metrics[key] = 100.0 * evaluate.cell_value(scores, task)
-        harness["tasks"] = {k: {f: v for f, v in e.items() if f != "metrics"} for k, e in scores.items()}
-    return metrics, harness
-
-
-def structure_value(model, field: str) -> float:
-    """A shape or parameter count of the (pruned) model, as a table's `structure` metric reads it."""
-    from methods import surgery
-
-    if field == "parameters":
-        return float(surgery.count_parameters(model))
-    if field == "non_embedding_parameters":
-        embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                      if m is not None for p in m.parameters()}
-        return float(sum(p.numel() for p in model.parameters() if id(p) not in embeddings))
-    widths = surgery.layer_widths(model)
-    per_layer = {"intermediate_size": "intermediate", "num_attention_heads": "heads",
-                 "num_key_value_heads": "kv_heads"}
-    if field in per_layer:  # the mean over layers: equal to the config value when widths are uniform
-        return sum(w[per_layer[field]] for w in widths) / len(widths)
-    if field == "num_hidden_layers":
-        return float(len(widths))
-    return float(model.get_input_embeddings().weight.shape[1])  # hidden_size
 
 
 def _smoke_source(model_id: str) -> Optional[str]:

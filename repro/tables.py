@@ -19,7 +19,7 @@ from repro.schema import Model, Num, SchemaError, explained, is_num, read_yaml, 
 from repro.tolerance import PPL_REL_DEFAULT
 
 TABLES = Path(__file__).resolve().parent / "tables"
-# What a `structure` metric reads off the pruned model (repro.runner.structure_value).
+# What a `structure` metric reads off the pruned model (repro.evaluate.structure_value).
 STRUCTURE_FIELDS = ("parameters", "non_embedding_parameters", "hidden_size", "intermediate_size",
                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 # Per metric kind: the keys it needs, then the ones it may add.

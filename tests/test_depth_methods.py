@@ -2,6 +2,7 @@
 temporary layer skipping, saved checkpoints, KV-cache generation after layer removal, bad input."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import methods
 from methods import depth
+from methods.scoring import perplexity
 from repro.cli import main
 from tests.conftest import tiny_llama
 
@@ -77,14 +79,28 @@ def test_skipping_layers_equals_removing_them_and_restores_the_model():
         assert torch.equal(removed.generate(ids[:, :5], max_new_tokens=4, do_sample=False, use_cache=True), cached)
 
 
-def test_calib_perplexity_is_the_windowed_token_mean():
+def test_skipping_layers_of_a_per_layer_model_restores_its_config():
+    model = _gqa(layers=4)
+    methods.surgery.keep_mlp_channels(model.model.layers[2], range(16))
+    methods.surgery.sync_config(model)
+    ids = _calib(rows=1)
+    removed = copy.deepcopy(model)
+    methods.surgery.remove_layers(removed, [0, 3])
+    with depth.layers_skipped(model, [3, 0]):
+        assert model.config.layer_intermediate_size == removed.config.layer_intermediate_size == [64, 16]
+        assert torch.equal(_logits(model, ids), _logits(removed, ids))
+    assert model.config.layer_intermediate_size == [64, 64, 16, 64] and model.config.num_hidden_layers == 4
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(4))
+
+
+def test_minitron_scorer_is_the_windowed_token_mean():
     model = _gqa(layers=2)
     calib = _calib(rows=3, length=12)
     nll = []
     for row in calib:
         logits = _logits(model, row[None])[0, :-1]
         nll.append(torch.nn.functional.cross_entropy(logits, row[1:]).item())
-    assert depth.calib_perplexity(model, calib) == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-6)
+    assert perplexity(model, calib, "minitron") == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- the methods on GQA
@@ -139,16 +155,16 @@ def test_minitron_depth_on_gqa(select):
     report = methods.prune(model, "minitron-depth", calib, device="cpu", remove_layers=2, select=select)
     scores = report["scores"]
     assert scores["metric"] == "ppl" and len(scores["candidates"]) == 4
-    assert scores["baseline"] == pytest.approx(depth.calib_perplexity(reference, calib), rel=1e-6)
+    assert scores["baseline"] == pytest.approx(perplexity(reference, calib, "minitron"), rel=1e-6)
     for start, value in enumerate(scores["candidates"]):  # each candidate is the skipped model's ppl
         with depth.layers_skipped(reference, [start, start + 1]):
-            assert value == depth.calib_perplexity(reference, calib)
+            assert value == perplexity(reference, calib, "minitron")
     if select == "closest":
         want = min(range(4), key=lambda i: abs(scores["candidates"][i] - scores["baseline"]))
     else:
         want = min(range(4), key=scores["candidates"].__getitem__)
     assert report["layers_removed"] == [want, want + 1] and report["block_start"] == want
-    assert depth.calib_perplexity(model, calib) == scores["candidates"][want]
+    assert perplexity(model, calib, "minitron") == scores["candidates"][want]
 
 
 def test_choose_first_on_ties_and_accuracy_direction():

@@ -18,7 +18,7 @@ import torch
 
 import methods
 from methods import width_stats
-from repro.evaluate import perplexity_rows
+from methods.scoring import perplexity
 from repro.models import dtype_kwarg
 from tests.conftest import GOLDEN, golden_path
 
@@ -107,4 +107,4 @@ def test_matches_original(run, data):
         assert_close(report["scores"]["mlp_channels"], expected["derived/mlp_channel_score_standardized"],
                      "MLP channel scores")
         assert_close(report["threshold"], expected["derived/threshold"], "threshold")
-    assert perplexity_rows(model, evaluation) == pytest.approx(run["ppl"], rel=1e-3)
+    assert perplexity(model, evaluation, "rows") == pytest.approx(run["ppl"], rel=1e-3)

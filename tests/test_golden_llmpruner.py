@@ -24,7 +24,7 @@ import torch
 
 import methods
 from methods.errors import UsageError
-from repro.evaluate import perplexity_rows
+from methods.scoring import perplexity
 from repro.models import dtype_kwarg
 from tests.conftest import GOLDEN, golden_path
 
@@ -125,7 +125,7 @@ def test_matches_original(run, data):
             _close(report["scores"]["heads"][str(index)], expected[grouped[0]], grouped[0])
             _close(report["scores"]["mlp_channels"][str(index)], expected[mlp], mlp)
     if exact:
-        assert perplexity_rows(model, evaluation) == pytest.approx(float(run["eval_ppl"]), rel=1e-3)
+        assert perplexity(model, evaluation, "rows") == pytest.approx(float(run["eval_ppl"]), rel=1e-3)
 
 
 @pytest.mark.parametrize("case", _failures())

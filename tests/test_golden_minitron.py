@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import methods
-from methods.depth import calib_perplexity
-from repro.evaluate import perplexity_rows
+from methods.scoring import perplexity
 from repro.models import dtype_kwarg
 from tests.conftest import golden_path, manifest_runs
 
@@ -71,7 +70,7 @@ def test_matches_the_collection(run, data):
     calib, evaluation = data
     model = _model(run["model"])
     depth_total = model.config.num_hidden_layers
-    assert calib_perplexity(model, calib) == pytest.approx(run["calib_ppl_baseline"], rel=REL_SCORE)
+    assert perplexity(model, calib, "minitron") == pytest.approx(run["calib_ppl_baseline"], rel=REL_SCORE)
     if run["mode"] == "bi":
         report = methods.prune(model, "shortgpt", calib, device="cpu",
                                remove_layers=depth_total - run["num_layers"])
@@ -93,5 +92,5 @@ def test_matches_the_collection(run, data):
         assert [layer["mlp_channels_kept"] for layer in report["layers"]] == _array(run, "ffn_idx_kept").tolist()
         for name, shape in run.get("param_shapes_after", {}).items():
             assert list(model.get_parameter(name).shape) == shape, name
-    assert calib_perplexity(model, calib) == pytest.approx(run["calib_ppl_final"], rel=REL_SCORE)
-    assert perplexity_rows(model, evaluation) == pytest.approx(run["eval_ppl_after"], rel=REL_PPL)
+    assert perplexity(model, calib, "minitron") == pytest.approx(run["calib_ppl_final"], rel=REL_SCORE)
+    assert perplexity(model, evaluation, "rows") == pytest.approx(run["eval_ppl_after"], rel=REL_PPL)

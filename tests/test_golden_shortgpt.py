@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import methods
-from repro.evaluate import perplexity_rows
+from methods.scoring import perplexity
 from repro.models import dtype_kwarg
 from tests.conftest import golden_path, manifest_runs
 
@@ -70,4 +70,4 @@ def test_matches_sramshetty(run, data):
     assert report["layers_removed"] == _array(run, "layers_removed").tolist()  # argsort order
     if "remaining_layers" in run:
         assert len(model.model.layers) == len(run["remaining_layers"])
-    assert perplexity_rows(model, evaluation) == pytest.approx(run["eval_ppl_after_removal"], rel=REL_PPL)
+    assert perplexity(model, evaluation, "rows") == pytest.approx(run["eval_ppl_after_removal"], rel=REL_PPL)

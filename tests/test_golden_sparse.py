@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import methods
-from repro.evaluate import perplexity_rows
+from methods.scoring import perplexity
 from tests.conftest import GOLDEN, golden_path
 
 
@@ -58,7 +58,7 @@ def test_matches_original(run, data):
             agreement[name] = float((got == want).mean())
             # Identical structure and sparsity for every method.
             assert abs(got.mean() - want.mean()) <= (1e-3 if run["method"] == "sparsegpt" else 0), name
-    ppl = perplexity_rows(model, evaluation)
+    ppl = perplexity(model, evaluation, "rows")
     want_ppl = float(expected["ppl"])
     if run["method"] == "sparsegpt":
         first = [a for n, a in agreement.items() if ".layers.0." in n]

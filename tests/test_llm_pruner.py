@@ -109,14 +109,19 @@ def test_gqa_query_scores_fold_as_the_original_or_by_group():
     assert kept == {"strided": [1], "grouped": [0]}
 
 
-def test_grad_dtype_leaves_the_model_as_it_was():
+@pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16", "model"])
+def test_grad_dtype_leaves_the_model_as_it_was(grad_dtype):
     model = tiny_llama(num_kv_heads=4, num_hidden_layers=2)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # Only the layers outside the pruned range keep their shapes: they must also keep every bit.
+    untouched = {n: p.detach().clone() for n, p in model.named_parameters() if "layers.1." in n or "layers" not in n}
     methods.prune(model, "llm-pruner", _calib(), device="cpu", pruning_ratio=0.5, importance="element2",
-                  layers="0:2", grad_dtype="bfloat16")
+                  layers="0:1", grad_dtype=grad_dtype)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], value) for n, value in untouched.items())
 
 
 def test_random_importance_follows_the_torch_seed():

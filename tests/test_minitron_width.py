@@ -181,7 +181,7 @@ def test_paper_table_shapes_are_the_pruned_llama_3_1_8b():
     surgery the method uses, and read every structure metric the way the runner does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from repro.runner import structure_value
+    from repro.evaluate import structure_value
     from repro.tables import load_profile
 
     table = load_profile("minitron-width", "paper")

@@ -2,7 +2,7 @@
 
 There are no golden outputs of the original for this method, so every score is recomputed here the
 slow, obvious way: the PPL criterion by deleting the block from a deep copy (surgery.remove_layers)
-and measuring perplexity with repro.evaluate; the Taylor criterion with torch.autograd.grad on a copy
+and measuring perplexity with methods.scoring; the Taylor criterion with torch.autograd.grad on a copy
 and an explicit sum over the block's weights. The "+" filter is checked on the block orders the
 original committed (output_block_sensitivity/*/block_order.csv).
 """
@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import methods
 from methods import shortened, surgery
+from methods.scoring import perplexity
 from repro.cli import main
-from repro.evaluate import perplexity_rows
 from repro.models import dtype_kwarg, load_model
 from tests.conftest import golden_path, tiny_llama
 
@@ -119,7 +119,7 @@ def test_ppl_criterion_is_perplexity_with_the_block_deleted(golden_model, calib)
     for block in range(8):
         brute = copy.deepcopy(golden_model)
         surgery.remove_layers(brute, [block])
-        assert scores[block] == pytest.approx(perplexity_rows(brute, calib), rel=1e-6), block
+        assert scores[block] == pytest.approx(perplexity(brute, calib, "rows"), rel=1e-6), block
     assert len(set(scores)) == 8  # every block matters differently to a trained model
 
 
@@ -257,7 +257,7 @@ def test_prune_cli_checkpoint_reloads_and_generates_with_cache(tmp_path, golden_
 # ----------------------------------------------------------------------------- bad input
 
 BAD = [
-    (["--criterion", "ppl", "--remove-layers", "8"], "no layer"),
+    (["--criterion", "ppl", "--remove-layers", "8"], "cannot remove 8 of the model's 8 layers"),
     (["--criterion", "ppl", "--remove-layers", "3"], "exceeds the 2 candidate blocks"),
     (["--criterion", "magnitude", "--remove-layers", "1"],
      "method 'shortened': option criterion must be 'ppl' or 'taylor', got 'magnitude'"),

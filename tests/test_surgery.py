@@ -146,10 +146,29 @@ def test_removed_layers_renumber_and_config_follows():
     assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1]
 
 
+def test_check_removable_returns_the_depth_or_refuses_all_of_it():
+    model = tiny_llama(num_hidden_layers=4)
+    assert surgery.check_removable(model, 3) == 4
+    with pytest.raises(UsageError, match="cannot remove 4 of the model's 4 layers: at least one must remain"):
+        surgery.check_removable(model, 4)
+
+
+def test_removed_layers_take_their_per_layer_config_with_them():
+    model = tiny_llama(num_hidden_layers=4)
+    surgery.keep_mlp_channels(model.model.layers[1], range(16))
+    surgery.sync_config(model)  # non-uniform: the per-layer format
+    assert model.config.layer_intermediate_size == [64, 16, 64, 64]
+    kept = [model.model.layers[i] for i in (1, 3)]
+    assert surgery.remove_layers(model, [2, 0, 2]) == [0, 2]
+    assert list(model.model.layers) == kept
+    assert model.config.layer_intermediate_size == [16, 64] and model.config.num_hidden_layers == 2
+    assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1]
+
+
 def test_lm_eval_evaluates_a_reloaded_non_uniform_smoke_checkpoint(tmp_path):
     """lm-eval's own HF loader (trust_remote_code) on a checkpoint with per-layer widths."""
     lm_eval = pytest.importorskip("lm_eval")
-    from repro.evaluate import SMOKE_TASK, TaskSpec, run_tasks
+    from methods.scoring import SMOKE_TASK, TaskSpec, run_tasks
 
     model, tokenizer = load_model("smoke")
     layers = model.model.layers
