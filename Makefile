@@ -12,7 +12,7 @@ VENVJOB ?= .venv-jobman
 TORCH_PIN ?= torch==2.13.0
 PROFILE ?= smoke
 RESULTS ?= results/local
-METHODS := magnitude wanda sparsegpt wanda-sp flap llm-pruner minitron-width shortgpt minitron-depth shortened
+METHODS := $(shell python3 methods/registry.py methods)
 LPC_CACHE ?= $(HOME)/.cache/lpc
 export LPC_CACHE
 

@@ -17,22 +17,17 @@
 LPC_DOCKER_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 LPC_CONTAINER  := $(LPC_DOCKER_DIR)/container.sh
 
-IMAGE_METHODS  :=
-IMAGE_FAMILIES :=
-
-# $(call image_family,<folder under docker/>,<methods served by that image>)
-define image_family
-IMAGE_FAMILIES += $(1)
-IMAGE_METHODS += $(2)
-$(foreach m,$(2),IMAGE_OF_$(m) := $(1)
-)
-endef
-
-# One line per image family.
-$(eval $(call image_family,sparse,magnitude wanda sparsegpt))
-$(eval $(call image_family,width,wanda-sp flap llm-pruner))
-$(eval $(call image_family,minitron,minitron-width minitron-depth shortgpt))
-$(eval $(call image_family,shortened,shortened))
+# Which image serves which method comes from the method registry (methods/registry.py, standard
+# library only), as <method>:<image> pairs; nothing here repeats it.
+LPC_IMAGE_PAIRS := $(shell python3 $(LPC_DOCKER_DIR)/../methods/registry.py images)
+ifeq ($(strip $(LPC_IMAGE_PAIRS)),)
+$(error cannot read the method -> image pairs from methods/registry.py (is python3 on PATH?))
+endif
+lpc_pair_method = $(firstword $(subst :, ,$(1)))
+lpc_pair_image  = $(lastword $(subst :, ,$(1)))
+IMAGE_METHODS  := $(foreach p,$(LPC_IMAGE_PAIRS),$(call lpc_pair_method,$(p)))
+IMAGE_FAMILIES := $(sort $(foreach p,$(LPC_IMAGE_PAIRS),$(call lpc_pair_image,$(p))))
+$(foreach p,$(LPC_IMAGE_PAIRS),$(eval IMAGE_OF_$(call lpc_pair_method,$(p)) := $(call lpc_pair_image,$(p))))
 
 # Settings: give them on the command line, in the environment or in the including Makefile
 # (docker/container.sh documents each). REGISTRY defaults to the one recorded in

@@ -3,17 +3,15 @@
     report = methods.prune(model, "wanda", calib, sparsity_ratio=0.5, sparsity_type="2:4")
 
 prunes `model` in place and returns a JSON-able report (per-Linear sparsity, timings, what the
-method chose). `methods.REGISTRY` lists what is implemented; each entry names its options type,
+method chose). `methods.REGISTRY` (methods/registry.py) lists what is implemented and which image runs each; each entry names its options type,
 a frozen pydantic dataclass whose fields declare the method's options and their constraints
 (methods/options.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from pydantic import ValidationError
@@ -22,42 +20,7 @@ from torch import nn
 from methods.anatomy import check_llama_like, compute_device, overall_sparsity, sparsity_by_module
 from methods.errors import UsageError
 from methods.options import declared, one_line
-
-# Names the architecture reserves for methods that later work adds.
-PLANNED = ("sheared",)
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    module: str                  # methods.<module> holds `Options` and `prune(model, calib, options, device)`
-    needs_calibration: bool
-    family: str                  # which pinned image reproduces it (docker/<family>/)
-    structured: bool = True      # removes units (then the config is re-synced) rather than zeroing weights
-    needs_tokenizer: bool = False  # scores with lm-eval tasks, so prune() gets the tokenizer too
-
-    @property
-    def options_type(self) -> type:
-        return importlib.import_module(f"methods.{self.module}").Options
-
-    @property
-    def run(self) -> Callable[..., dict]:
-        return importlib.import_module(f"methods.{self.module}").prune
-
-
-REGISTRY: Dict[str, Method] = {m.name: m for m in (
-    Method("magnitude", "magnitude", needs_calibration=False, family="sparse", structured=False),
-    Method("wanda", "wanda", needs_calibration=True, family="sparse", structured=False),
-    Method("sparsegpt", "sparsegpt", needs_calibration=True, family="sparse", structured=False),
-    Method("wanda-sp", "wanda_sp", needs_calibration=True, family="width"),
-    Method("flap", "flap", needs_calibration=True, family="width"),
-    Method("llm-pruner", "llm_pruner", needs_calibration=True, family="width"),
-    Method("minitron-width", "minitron_width", needs_calibration=True, family="minitron"),
-    Method("minitron-depth", "minitron_depth", needs_calibration=True, family="minitron", needs_tokenizer=True),
-    Method("shortgpt", "shortgpt", needs_calibration=True, family="minitron"),
-    Method("shortened", "shortened", needs_calibration=True, family="shortened"),
-)}
-
+from methods.registry import PLANNED, REGISTRY, Method
 
 def get(name: str) -> Method:
     if name in REGISTRY:

@@ -1,0 +1,64 @@
+"""The one list of methods the kit implements, and the image that reproduces each.
+
+Imports nothing but the standard library, so that build tooling reads it without a venv:
+
+    python3 methods/registry.py methods        # the method names, space-separated (the Makefile's METHODS)
+    python3 methods/registry.py images         # <method>:<image> pairs (docker/images.mk's IMAGE_OF_<m>)
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+# Names the architecture reserves for methods that later work adds.
+PLANNED = ("sheared",)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    module: str                  # methods.<module> holds `Options` and `prune(model, calib, options, device)`
+    needs_calibration: bool
+    family: str                  # which pinned image reproduces it (docker/<family>/)
+    structured: bool = True      # removes units (then the config is re-synced) rather than zeroing weights
+    needs_tokenizer: bool = False  # scores with lm-eval tasks, so prune() gets the tokenizer too
+
+    @property
+    def options_type(self) -> type:
+        return importlib.import_module(f"methods.{self.module}").Options
+
+    @property
+    def run(self) -> Callable[..., dict]:
+        return importlib.import_module(f"methods.{self.module}").prune
+
+
+REGISTRY: Dict[str, Method] = {m.name: m for m in (
+    Method("magnitude", "magnitude", needs_calibration=False, family="sparse", structured=False),
+    Method("wanda", "wanda", needs_calibration=True, family="sparse", structured=False),
+    Method("sparsegpt", "sparsegpt", needs_calibration=True, family="sparse", structured=False),
+    Method("wanda-sp", "wanda_sp", needs_calibration=True, family="width"),
+    Method("flap", "flap", needs_calibration=True, family="width"),
+    Method("llm-pruner", "llm_pruner", needs_calibration=True, family="width"),
+    Method("minitron-width", "minitron_width", needs_calibration=True, family="minitron"),
+    Method("minitron-depth", "minitron_depth", needs_calibration=True, family="minitron", needs_tokenizer=True),
+    Method("shortgpt", "shortgpt", needs_calibration=True, family="minitron"),
+    Method("shortened", "shortened", needs_calibration=True, family="shortened"),
+)}
+
+
+def main(argv) -> int:
+    listings = {
+        "methods": lambda: " ".join(REGISTRY),
+        "images": lambda: " ".join(f"{m.name}:{m.family}" for m in REGISTRY.values()),
+    }
+    if len(argv) != 1 or argv[0] not in listings:
+        print(f"usage: registry.py {{{','.join(listings)}}}", file=sys.stderr)
+        return 2
+    print(listings[argv[0]]())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
