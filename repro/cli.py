@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
     repro.add_argument("--no-dense-gate", action="store_true", help="continue even if the dense model is off")
 
+    train = sub.add_parser("train", help="train a checkpoint: continued pre-training, distillation, sparse or LoRA",
+                           description="Options not given keep their defaults (the collection's settings). "
+                                       "Rerunning the same command resumes an interrupted run.")
+    add_fields(train, _train_fields())
+    train.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="lora: a field of the LoRA recipe (YAML value), e.g. --option r=8")
+    train.add_argument("--overwrite", action="store_true", help="discard whatever --out holds and start afresh")
+
     diff = sub.add_parser("diff", help="print paper | collection | ours | delta | tolerance | status")
     diff.add_argument("method", nargs="?", help="a method, or omit with --all")
     diff.add_argument("--all", action="store_true", help="every method and profile that has results")
@@ -86,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command in ("prune", "repro"):
+        if args.command in ("prune", "repro", "train"):
             from repro.models import quiet_transformers
 
             quiet_transformers()
-        return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff}[args.command](args)
+        return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff, "train": cmd_train}[args.command](args)
     except UsageError as exc:
         print(f"lpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -178,6 +186,67 @@ def _method_options(args, method) -> dict:
             raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
         options[key.replace("-", "_")] = yaml.safe_load(value)
     return options
+
+
+def _train_fields():
+    from training.options import TrainOptions
+
+    return {name: f for name, f in TrainOptions.model_fields.items() if name != "recipe"}
+
+
+def add_fields(parser: argparse.ArgumentParser, fields) -> None:
+    """One flag per declared field (pydantic FieldInfo): --name-with-dashes, its description as the help.
+
+    Values are read as YAML scalars, so the declarations' strict types see numbers, booleans and
+    strings as the user meant them; booleans are also flags of their own (--x / --no-x)."""
+    for name, info in fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = (info.description or "") + ("" if info.is_required() else f" (default: {info.default})")
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=_yaml_value, default=None, required=info.is_required(),
+                                help=help_text, metavar=name.upper())
+
+
+def _yaml_value(text: str):
+    """A command-line value as a number, boolean or string (YAML, but "1e-4" is a number here too)."""
+    import yaml
+
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (bool, str)) else text
+
+
+def cmd_train(args) -> int:
+    from repro import stages
+    from training.options import parse_options
+
+    values = {name: getattr(args, name) for name in _train_fields() if getattr(args, name) is not None}
+    for name in ("model", "data", "out", "teacher"):  # names, never numbers: "1" is a directory
+        if name in values:
+            values[name] = str(values[name])
+    values["recipe"] = _key_values(args.option)
+    return stages.train(parse_options(values), overwrite=args.overwrite)
+
+
+def _key_values(items) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def cmd_repro(args) -> int:
