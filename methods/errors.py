@@ -8,3 +8,4 @@ traceback.
 
 class UsageError(ValueError):
     """Invalid user input: a bad option, a malformed file, an unsupported model."""
+

@@ -5,6 +5,7 @@ Bad input prints one line (`lpc: error: ...`) and exits 2; a failed diff exits 1
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
     repro.add_argument("--no-dense-gate", action="store_true", help="continue even if the dense model is off")
 
+    train = sub.add_parser("train", help="train a checkpoint: continued pre-training, distillation, sparse or LoRA",
+                           description="Options not given keep their defaults (the collection's settings). "
+                                       "Rerunning the same command resumes an interrupted run.")
+    add_fields(train, _train_fields())
+    train.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="lora: a field of the LoRA recipe (YAML value), e.g. --option r=8")
+    train.add_argument("--overwrite", action="store_true", help="discard whatever --out holds and start afresh")
+
     diff = sub.add_parser("diff", help="print paper | collection | ours | delta | tolerance | status")
     diff.add_argument("method", nargs="?", help="a method, or omit with --all")
     diff.add_argument("--all", action="store_true", help="every method and profile that has results")
@@ -86,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command in ("prune", "repro"):
+        if args.command in ("prune", "repro", "train"):
             from repro.models import quiet_transformers
 
             quiet_transformers()
-        return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff}[args.command](args)
+        return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff, "train": cmd_train}[args.command](args)
     except UsageError as exc:
         print(f"lpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -212,12 +221,8 @@ def _method_options(args, method) -> dict:
         value = getattr(args, name)
         if value is not None:
             options[name] = value if isinstance(value, bool) else _read_value(value, fields.get(name))
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
-        key = key.replace("-", "_")
-        options[key] = _read_value(value, fields.get(key))
+    for key, text in _key_values(args.option):
+        options[key] = _read_value(text, fields.get(key))
     return options
 
 
@@ -238,7 +243,13 @@ def _read_value(text: str, field) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
-    if field is None:
+    if field is None:  # undeclared: a number if the text is one (YAML 1.1 leaves 1e-3 a string)
+        if isinstance(value, str):
+            try:
+                number = float(text)
+            except ValueError:
+                return value
+            return number if math.isfinite(number) else value
         return value
     strict = TypeAdapter(field.annotation, config=STRICT)
     for candidate in (value, text):
@@ -253,6 +264,51 @@ def _read_value(text: str, field) -> Any:
         except ValidationError:
             pass
     return value
+
+
+def _train_fields():
+    from training.options import TrainOptions
+
+    return {name: f for name, f in TrainOptions.model_fields.items() if name != "recipe"}
+
+
+def add_fields(parser: argparse.ArgumentParser, fields) -> None:
+    """One flag per declared field (pydantic FieldInfo): --name-with-dashes, its description as the help.
+
+    The text is read as a method option's is (`_read_value`); booleans are flags of their own (--x / --no-x)."""
+    for name, info in fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = (info.description or "") + ("" if info.is_required() else f" (default: {info.default})")
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, required=info.is_required(),
+                                help=help_text.replace("%", "%%"), metavar=name.upper())
+
+
+def cmd_train(args) -> int:
+    from repro import stages
+    from training.options import parse_options
+
+    fields = _train_fields()
+    values = {}
+    for name, field in fields.items():
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value if isinstance(value, bool) else _read_value(value, field)
+    values["recipe"] = {key: _read_value(text, None) for key, text in _key_values(args.option)}
+    return stages.train(parse_options(values), overwrite=args.overwrite)
+
+
+def _key_values(items: List[str]) -> List[tuple]:
+    """--option KEY=VALUE items as (key, text) pairs, dashes in keys read as underscores."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
 
 
 def cmd_repro(args) -> int:

@@ -73,7 +73,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -396,3 +396,68 @@ def _first_rows(path: str, name, split: str, field: str, count: int) -> List[str
 
     rows = _load_dataset(path, name, split=split, streaming=True)
     return [row[field] for row in itertools.islice(rows, count)]
+
+
+# ----------------------------------------------------------------------------- training data
+
+DCLM_DATASET = "Zephyr271828/dclm-260b"      # the collection's DCLM-Baseline-1.0 subset, Llama-3 tokens
+DCLM_REVISION = "llama3-pyarrow-60b"          # 60B tokens in the FMS-FSDP arrow format
+TRAINING_TOKEN_SUFFIXES = (".pt", ".npy", ".bin")
+_ACCEPTED_TRAIN = ("a token file (.pt/.npy/.bin), a folder of rank_<k>.arrow files, dclm, smoke, "
+                   "a local text file or folder, c4, wikitext2 or bookcorpus")
+
+
+def training_source(spec: str, *, tokenizer=None, seqlen: int, seed: int = 0, shuffle: bool = True,
+                    vocab_size: Optional[int] = None):
+    """What `lpc train --data SPEC` reads, as a factory `(layout, rank) -> stream` (training/data.py).
+
+    Token files and text become random-access windows served in global batches; text is packed as
+    [BOS] + document + [EOS] (the tokenizer's own ids; a missing one is left out). A folder of
+    `rank_<k>.arrow` files, and `dclm` (downloaded from the hub), are read in the FMS-FSDP way.
+    Everything is validated here, before any training starts.
+    """
+    from training import data as train_data
+
+    spec = str(spec)
+    path = Path(os.path.expanduser(spec))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if spec == "dclm" or (path.is_dir() and any(train_data.ARROW_FILE.match(p.name) for p in path.iterdir())):
+        folder = _dclm_folder() if spec == "dclm" else path
+        return lambda layout, rank: train_data.ArrowShards(folder, layout, rank=rank, seqlen=seqlen, bos=bos, eos=eos)
+    if spec.lower().endswith(TRAINING_TOKEN_SUFFIXES):
+        windows = train_data.Windows.from_file(spec, seqlen)
+    else:
+        windows = train_data.Windows(train_data.pack_documents(_training_documents(spec, tokenizer), bos=bos,
+                                                               eos=eos, seqlen=seqlen), seqlen, origin=spec)
+    if vocab_size is not None and windows.max_id() >= vocab_size:
+        raise UsageError(f"{spec} holds token id {windows.max_id()}, outside the model's vocabulary of {vocab_size}")
+    return lambda layout, rank: train_data.GlobalStream(windows, layout, rank=rank, seed=seed, shuffle=shuffle)
+
+
+def _training_documents(spec: str, tokenizer) -> List[List[int]]:
+    if spec == "c4":
+        texts = [row["text"] for row in _load_c4_train()]
+    elif spec == "wikitext2":
+        texts = [t for t in _hub_text(WIKITEXT_DATASET, WIKITEXT_CONFIG, "train", "text") if t.strip()]
+    elif spec == "bookcorpus":
+        texts = [row["text"] for row in _load_bookcorpus()]
+    else:
+        texts = read_documents(_local_text_path(spec, _ACCEPTED_TRAIN, SMOKE_CALIB_TEXT))
+    encode = _encoder(tokenizer, add_special_tokens=False)
+    return [encode(text) for text in texts]
+
+
+def _dclm_folder() -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsageError("the dclm data needs huggingface_hub: pip install huggingface_hub") from None
+    from training.data import ARROW_FILE
+
+    root = Path(snapshot_download(DCLM_DATASET, repo_type="dataset", revision=DCLM_REVISION,
+                                  allow_patterns=["*.arrow"]))
+    folders = sorted({p.parent for p in root.rglob("*.arrow") if ARROW_FILE.match(p.name)})
+    if not folders:
+        raise UsageError(f"the {DCLM_DATASET}@{DCLM_REVISION} download holds no rank_<k>.arrow files")
+    return folders[0]

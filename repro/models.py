@@ -73,11 +73,11 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
     check_llama_like(model)
     model.eval()
     model.config.use_cache = False
-    tokenizer = _load_tokenizer(path, revision) if load_tokenizer else None
+    tokenizer = tokenizer_for(path, revision) if load_tokenizer else None
     return model, tokenizer
 
 
-def _load_tokenizer(path: str, revision: Optional[str]):
+def tokenizer_for(path: str, revision: Optional[str] = None):
     from transformers import AutoTokenizer
 
     # The originals use the slow SentencePiece tokenizer where one exists (Llama-1/2); Llama-3 has none.

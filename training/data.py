@@ -1,0 +1,247 @@
+"""Training data: fixed-length token windows, served as a stateful stream of global batches.
+
+Every optimizer step consumes one global batch of `global_batch` windows of `seqlen` tokens; the
+labels are the inputs (the model shifts them by one). Two kinds of source:
+
+* `Windows`: random access to N windows. Token files ([N, seqlen] `.pt`/`.npy`, or a flat stream
+  in a 1-D `.npy` or a raw little-endian `.bin`, cut into consecutive windows) and text packed with
+  `pack_documents` ([BOS] + document + [EOS], concatenated, cut into windows, the remainder dropped).
+  `GlobalStream` orders them: sample i of the run is window perm_e[i mod N] of epoch e = i // N, a
+  seeded permutation per epoch (or the file order, unshuffled). Step t takes samples
+  [t*B, (t+1)*B); rank r's k-th micro-batch of that step is the slice starting at
+  t*B + (r*accumulation + k)*micro_batch. The whole state is the step number, so a resumed run sees
+  exactly the samples an uninterrupted one would, and a run on W processes sees the same global
+  batches as a run on one (the distributed equivalence the tests check).
+* `ArrowShards`: the collection's FMS-FSDP format, a directory of `rank_<k>.arrow` files whose
+  records hold `input_ids` (one document each). As in FMS, rank r reads files r, r+W, r+2W, ...
+  in order and packs [BOS] + document + [EOS] into a running buffer from which windows are cut, so
+  what a rank sees depends on the world size (FMS's own behaviour). Its state (file, record,
+  leftover buffer) is per rank and saved with every checkpoint; a resume must use the same world size.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from methods.errors import UsageError
+
+ARROW_FILE = re.compile(r"^rank_(\d+)\.arrow$")
+# Raw .bin token files are flat little-endian uint32 ids (Llama-3's 128k vocabulary needs > 16 bits).
+BIN_DTYPE = np.dtype("<u4")
+
+
+def pack_documents(documents: Iterable[Sequence[int]], *, bos: Optional[int], eos: Optional[int],
+                   seqlen: int) -> torch.LongTensor:
+    """[BOS] + document + [EOS] for every document, concatenated and cut into [N, seqlen] windows."""
+    stream: List[int] = []
+    for ids in documents:
+        if bos is not None:
+            stream.append(bos)
+        stream.extend(int(i) for i in ids)
+        if eos is not None:
+            stream.append(eos)
+    count = len(stream) // seqlen
+    if count == 0:
+        raise UsageError(f"the training text has {len(stream)} tokens, fewer than one window of seqlen={seqlen}")
+    return torch.tensor(stream[:count * seqlen], dtype=torch.long).reshape(count, seqlen)
+
+
+class Windows:
+    """N windows of seqlen token ids, read by index (a tensor, or a memory-mapped flat file)."""
+
+    def __init__(self, data, seqlen: int, *, origin: str):
+        self.data = data            # [N, seqlen] tensor, or a 1-D array cut on the fly
+        self.seqlen = seqlen
+        self.origin = origin
+        flat = getattr(data, "ndim", None) == 1
+        self.count = len(data) // seqlen if flat else int(data.shape[0])
+        self.flat = flat
+        if self.count == 0:
+            raise UsageError(f"{origin} holds fewer tokens than one window of seqlen={seqlen}")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.LongTensor:
+        if self.flat:
+            start = index * self.seqlen
+            return torch.from_numpy(np.asarray(self.data[start:start + self.seqlen], dtype=np.int64))
+        if isinstance(self.data, torch.Tensor):
+            return self.data[index].long()
+        return torch.from_numpy(np.array(self.data[index], dtype=np.int64))  # a copy out of the memory map
+
+    def max_id(self) -> int:
+        if isinstance(self.data, torch.Tensor):
+            return int(self.data.max())
+        return int(np.max(self.data[:self.count * self.seqlen] if self.flat else self.data))
+
+    @classmethod
+    def from_file(cls, path, seqlen: int) -> "Windows":
+        """A token file: [N, seqlen] .pt/.npy, a flat 1-D .npy, or a flat uint32 .bin."""
+        path = Path(os.path.expanduser(str(path)))
+        if not path.is_file():
+            raise UsageError(f"token file not found: {path}")
+        if path.suffix == ".bin":
+            size = path.stat().st_size
+            if size % BIN_DTYPE.itemsize:
+                raise UsageError(f"{path} is {size} bytes, not a whole number of uint32 token ids")
+            return cls(np.memmap(path, dtype=BIN_DTYPE, mode="r"), seqlen, origin=str(path))
+        if path.suffix == ".npy":
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except Exception as exc:  # a malformed file is the user's, not a bug of ours
+                raise UsageError(f"cannot load token file {path}: {type(exc).__name__}") from None
+            if array.dtype.kind not in "iu":
+                raise UsageError(f"token file {path} must hold integer ids, not dtype {array.dtype}")
+            if array.ndim not in (1, 2):
+                raise UsageError(f"token file {path} must be [N, seqlen] or a flat stream, got shape {list(array.shape)}")
+            if array.ndim == 2 and array.shape[1] != seqlen:
+                raise UsageError(f"token file {path} has windows of {array.shape[1]} tokens, but --seqlen is {seqlen}")
+            return cls(array, seqlen, origin=str(path))
+        if path.suffix == ".pt":
+            try:
+                tensor = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise UsageError(f"cannot load token file {path}: {type(exc).__name__}") from None
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.dtype.is_floating_point:
+                raise UsageError(f"token file {path} must hold one integer tensor [N, seqlen]")
+            if tensor.shape[1] != seqlen:
+                raise UsageError(f"token file {path} has windows of {tensor.shape[1]} tokens, but --seqlen is {seqlen}")
+            return cls(tensor.long(), seqlen, origin=str(path))
+        raise UsageError(f"token files end in .pt, .npy or .bin: {path}")
+
+
+class Layout:
+    """How one optimizer step's global batch is split: world x accumulation x micro_batch."""
+
+    def __init__(self, global_batch: int, micro_batch: int, world: int):
+        if global_batch % (micro_batch * world):
+            raise UsageError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} "
+                             f"x {world} process(es)")
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.world = world
+        self.accumulation = global_batch // (micro_batch * world)
+
+
+class GlobalStream:
+    """Global batches over `Windows`; stateless apart from the step (see the module docstring)."""
+
+    def __init__(self, windows: Windows, layout: Layout, *, rank: int, seed: int, shuffle: bool = True):
+        self.windows = windows
+        self.layout = layout
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self._epoch = -1
+        self._order: Optional[torch.Tensor] = None
+
+    def _window_of(self, sample: int) -> int:
+        epoch, position = divmod(sample, len(self.windows))
+        if not self.shuffle:
+            return position
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = torch.randperm(len(self.windows), generator=generator)
+            self._epoch = epoch
+        return int(self._order[position])
+
+    def micro_batches(self, step: int) -> List[torch.LongTensor]:
+        """This rank's micro-batches of optimizer step `step`, in order."""
+        layout = self.layout
+        out = []
+        for k in range(layout.accumulation):
+            first = step * layout.global_batch + (self.rank * layout.accumulation + k) * layout.micro_batch
+            out.append(torch.stack([self.windows[self._window_of(first + j)] for j in range(layout.micro_batch)]))
+        return out
+
+    def state(self, step: int) -> Dict[str, int]:
+        return {"kind": "global", "next_step": step}
+
+    def restore(self, state: Dict[str, int]) -> None:
+        if state.get("kind") != "global":
+            raise UsageError("the checkpoint's data state belongs to another kind of data source")
+
+
+class ArrowShards:
+    """The FMS-FSDP format, read per rank (see the module docstring)."""
+
+    def __init__(self, folder, layout: Layout, *, rank: int, seqlen: int, bos: Optional[int], eos: Optional[int]):
+        import pyarrow  # noqa: F401  (datasets brings it; fail early with a clear error otherwise)
+
+        folder = Path(os.path.expanduser(str(folder)))
+        files = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := ARROW_FILE.match(p.name))) \
+            if folder.is_dir() else []
+        if not files:
+            raise UsageError(f"{folder} holds no rank_<k>.arrow files (the FMS-FSDP data format)")
+        self.files = [p for _, p in files][rank::layout.world]
+        if not self.files:
+            raise UsageError(f"{folder} has {len(files)} arrow files, fewer than the {layout.world} processes")
+        self.layout, self.rank, self.seqlen, self.bos, self.eos = layout, rank, seqlen, bos, eos
+        self.file_index, self.record, self.buffer = 0, 0, []
+        self._table, self._table_path = None, None
+        self.origin = str(folder)
+
+    def _next_document(self) -> List[int]:
+        while True:
+            path = self.files[self.file_index % len(self.files)]  # past the last file: another epoch
+            if self._table_path != path:
+                self._table, self._table_path = read_arrow(path).column("input_ids"), path
+            if self.record < len(self._table):
+                ids = self._table[self.record].as_py()
+                self.record += 1
+                return ids
+            self.record = 0
+            self.file_index += 1
+
+    def _window(self) -> torch.LongTensor:
+        while len(self.buffer) < self.seqlen:
+            self.buffer.extend(([self.bos] if self.bos is not None else []) + self._next_document()
+                               + ([self.eos] if self.eos is not None else []))
+        window, self.buffer = self.buffer[:self.seqlen], self.buffer[self.seqlen:]
+        return torch.tensor(window, dtype=torch.long)
+
+    def micro_batches(self, step: int) -> List[torch.LongTensor]:
+        return [torch.stack([self._window() for _ in range(self.layout.micro_batch)])
+                for _ in range(self.layout.accumulation)]
+
+    def state(self, step: int) -> dict:
+        return {"kind": "arrow", "rank": self.rank, "world": self.layout.world, "file_index": self.file_index,
+                "record": self.record, "buffer": list(self.buffer), "next_step": step}
+
+    def restore(self, state: dict) -> None:
+        if state.get("kind") != "arrow":
+            raise UsageError("the checkpoint's data state belongs to another kind of data source")
+        if state["world"] != self.layout.world:
+            raise UsageError(f"the checkpoint was written by {state['world']} processes; the FMS data format "
+                             f"assigns files per process, so resume it with --nproc {state['world']}")
+        self.file_index, self.record, self.buffer = state["file_index"], state["record"], list(state["buffer"])
+
+
+def read_arrow(path: Path):
+    """One arrow file as a table: the IPC file format, or the IPC stream format."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                return pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return pa.ipc.open_stream(source).read_all()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise UsageError(f"cannot read arrow file {path}: {exc}") from None
+
+
+def write_arrow(path: Path, documents: Iterable[Sequence[int]]) -> None:
+    """Write documents as an FMS-format shard (tests, and converting local data)."""
+    import pyarrow as pa
+
+    table = pa.table({"input_ids": pa.array([list(map(int, d)) for d in documents], type=pa.list_(pa.int32()))})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
