@@ -1,4 +1,4 @@
-"""FLAP: fluctuation-based adaptive structured pruning (An et al., AAAI 2024; spec A 8.4, P11, P12).
+"""FLAP: fluctuation-based adaptive structured pruning (An et al., AAAI 2024).
 
 1. Statistics, from the DENSE model for every layer (not sequential): the calibration inputs are
    captured at layer 0 and pushed through the unpruned layers; on the way, the inputs x of o_proj
@@ -42,7 +42,8 @@ remove every attention unit (or every MLP channel) of a layer, the run is refuse
 naming the layer, before anything is cut.
 
 Calibration in the original: WikiText-2 train joined with " ", 1024 random 128-token windows, seed
-0 (spec `wikitext2`, repro.data.sample_stream) -- in-domain for the WikiText-2 perplexity (P11).
+0 (data spec `wikitext2`, repro.data.sample_stream) -- in-domain for the WikiText-2 perplexity
+the paper reports (Wanda-sp calibrates on C4).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Block mode (`hf_prune.py --block_wise`, the paper's main setting) prunes, in eac
 `layers` (START:END, end exclusive; the scripts use 4:30 of 32), whole attention heads and MLP
 channels; channel mode (`--channel_wise`, the paper's "Channel" row) prunes the hidden (residual)
 dimension of the whole model. Importance is scored once on the dense model; there is no weight
-merging and no cross-layer competition (spec A 9.1, 9.2).
+merging and no cross-layer competition.
 
 Groups and scores, as the original's dependency graph and importance classes produce them:
 
@@ -38,7 +38,7 @@ float32 is the upstream README's CPU setting; "float16" reproduces the collectio
 runs (model.half()), where element2's g^2/N underflows; "model" keeps the loaded dtype. The model is
 copied to the device in that dtype once and its own tensors are put back afterwards, untouched.
 
-Random importance (spec P14) draws from torch's global generator in layer order, attention before
+Random importance draws from torch's global generator in layer order, attention before
 MLP (the order the original's pruner visits its groups); the caller's seeding decides the draw
 (`lpc repro` and `lpc prune` seed torch with the calibration / --seed value). The original's
 `--test_before_train` generation samples before pruning and so changes the draw.

@@ -1,13 +1,13 @@
 """Minitron depth pruning as the LLM Pruning Collection runs it: drop one contiguous block of layers.
 
-Contiguous-block scan (spec B 1.4): with n = remove_layers and L the depth, every candidate
+Contiguous-block scan: with n = remove_layers and L the depth, every candidate
 i = 0..L-n is scored with layers [i, i+n) left out (the same modules, nothing copied), after the
 unpruned baseline. ``select="closest"`` picks the candidate whose score is closest to the baseline,
-first on ties: the collection's rule, for perplexity and accuracy alike (spec B 7.2 item 6).
+first on ties: the collection's rule, for perplexity and accuracy alike.
 ``select="best"`` picks the lowest perplexity / highest accuracy instead (first on ties), which is
 what the Minitron paper's figures argue for.
 
-Scorers (spec B 1.2, 1.3):
+Scorers:
 
 ``score="ppl"``
     Every calibration row is one window: exp of the seq_len-weighted mean of the windows' mean

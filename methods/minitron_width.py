@@ -2,7 +2,7 @@
 ``prune_width.py``): rank MLP neurons and residual-stream channels by activation magnitude on the
 calibration rows, keep the top ones, optionally prune query heads.
 
-Statistics, from one pass of every calibration row (batch 1) through the dense model (spec B 1.6):
+Statistics, from one pass of every calibration row (batch 1) through the dense model:
 
 * MLP neurons of layer l: the input of ``mlp.down_proj`` (act(gate) * up), [batch, seq, ffn].
 * Hidden channels: the outputs of *both* RMSNorms of *every* layer, all 2L of them summed into one
@@ -19,7 +19,7 @@ Aggregation of one hooked tensor x [batch, seq, units]:
     hooks' roots summed (for hidden channels, the sum of per-norm L2 values). Computed in float32.
 
 With batch 1 the collection's score is the sum over all calibration tokens of x^2 and NVIDIA's the
-sum over rows of (mean_t |x|)^2: rankings can differ (spec B 7.2 item 5).
+sum over rows of (mean_t |x|)^2: rankings can differ.
 
 Selection: the top ``hidden_size`` channels and, per layer, the top ``ffn_hidden_size`` neurons, in
 importance order (descending, ``torch.sort``); that order becomes the pruned model's channel order,

@@ -3,7 +3,7 @@ state least.
 
 Block Influence of layer l: BI_l = 1 - cos(x_l, y_l), x the hidden state entering the layer, y the
 one leaving it (after both residual adds), cosine over the hidden dimension. Two implementations are
-reproduced (spec B 2.1, golden README 4.2/4.3); each calibration row is one forward pass (batch 1):
+reproduced; each calibration row is one forward pass (batch 1):
 
 ``variant="collection"`` (default; the LLM Pruning Collection's ``bi`` mode)
     Hooks on the decoder layers (the final norm is not involved). Per pass, 1 - mean over tokens of

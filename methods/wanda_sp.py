@@ -1,4 +1,5 @@
-"""Wanda-sp: structured Wanda, the width baseline of the FLAP repository (spec A 8.2; mag-sp 8.3).
+"""Wanda-sp: structured Wanda, the width baseline of the FLAP repository
+(An et al., AAAI 2024), with its mag-sp baseline.
 
 Per decoder layer, in order, on inputs produced by the already-pruned earlier layers (sequential):
 
@@ -19,8 +20,8 @@ no calibration data is used (the registry still asks for some, which is ignored)
 Grouped-query attention (the original is MHA only): whole key/value groups are removed, the key and
 value head together with every query head that reads it, so the grouping stays valid.
 
-Calibration in the original: C4, 128 samples x 128 tokens (spec `c4`). Its scripts pass
-`--nsamples 1024`, which adds 896 all-zero samples (spec P22): they only rescale a_j uniformly, so
+Calibration in the original: C4, 128 samples x 128 tokens (data spec `c4`). Its scripts pass
+`--nsamples 1024`, whose slots past the 128 its loader fills stay all-zero (896 of them): they only rescale a_j uniformly, so
 the ranking, hence the result, is that of the 128 real samples; this implementation uses exactly
 the samples it is given.
 """

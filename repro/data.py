@@ -8,7 +8,7 @@ Two entry points:
 Calibration specs
 -----------------
 ``c4``
-    Wanda / SparseGPT (spec §1.2): ``allenai/c4`` config ``en``, only the file
+    Wanda / SparseGPT: ``allenai/c4`` config ``en``, only the file
     ``en/c4-train.00000-of-01024.json.gz``, split train. ``random.seed(seed)`` once, then per sample:
     draw a document with ``random.randint(0, ndocs - 1)``, tokenize it with the tokenizer's default
     special tokens (BOS for Llama), redraw until it has strictly more than ``seqlen`` tokens, draw
@@ -19,7 +19,7 @@ Calibration specs
     space (that is what both repositories do; the test split is joined with "\\n\\n"), tokenized once,
     ``random.seed(seed)``, then per sample ``start = random.randint(0, N - seqlen - 1)``.
 ``bookcorpus``
-    The LLM-Pruner / Shortened-LLaMA sampler (spec §9.3, §10.2, P15): ``random.seed(seed)`` (the
+    The LLM-Pruner / Shortened-LLaMA sampler: ``random.seed(seed)`` (the
     recipes pass 42 for LLM-Pruner, 1234 for Shortened), then per sample: draw a row with
     ``random.randint(0, nrows - 1)``, tokenize it with default special tokens (BOS included in the
     count), redraw until it has **at least** ``seqlen`` tokens and was not accepted before, draw
@@ -34,7 +34,7 @@ a local text path (file or directory)
     paragraphs, i.e. the pieces between blank lines (lines holding only whitespace), stripped, empty
     ones dropped. Text is read as UTF-8 with undecodable bytes replaced. Then the ``c4`` algorithm runs
     over this document list. If no document has more than ``seqlen`` tokens, a UsageError names the
-    longest one instead of looping forever (upstream would, spec P6).
+    longest one instead of looping forever (upstream would: Wanda at Llama-3's 131072-token seqlen).
 ``text-stream:PATH``
     The same file or directory read as one stream (the documents joined with "\\n\\n", tokenized once)
     and sampled with the ``wikitext2`` algorithm. Use it when the documents are too short.
@@ -45,7 +45,7 @@ a token file ``*.pt`` / ``*.npy``
     user gave no ``--nsamples``/``--seqlen``).
 
 ``pg19`` / ``wikitext103-train`` / ``windows:PATH`` / ``windows:smoke``
-    The Minitron / ShortGPT collection scorer (spec B 1.2): a text stream tokenized once (one BOS at
+    The Minitron / ShortGPT collection scorer: a text stream tokenized once (one BOS at
     the very start), cut from its beginning into ``min(ntokens // seqlen, nsamples)`` consecutive,
     non-overlapping windows of ``seqlen`` tokens (fewer rows than asked when the stream is short,
     as the original; the seed is unused). ``pg19``: ``emozilla/pg19`` validation, first 8,000 rows
@@ -57,12 +57,12 @@ Evaluation specs
 ----------------
 ``wikitext2`` (``wikitext-2-raw-v1`` test) and ``ptb`` (``ptb_text_only`` validation, field
 ``sentence``): rows joined with "\\n\\n" and tokenized once, so a Llama tokenizer puts one BOS at the
-very start (spec §1.4, §9.6). ``smoke`` is ``SMOKE_EVAL_TEXT``. A local file, or a directory's files in
+very start (the Wanda and LLM-Pruner evaluations). ``smoke`` is ``SMOKE_EVAL_TEXT``. A local file, or a directory's files in
 sorted order, is joined with "\\n\\n" and tokenized once. A token file is flattened row by row into
 [1, rows * seqlen] (how the golden fixtures are evaluated). ``add_special_tokens=False`` tokenizes
-without BOS, for the Shortened-LLaMA per-window-BOS protocol (spec §10.8).
+without BOS, for the Shortened-LLaMA per-window-BOS protocol.
 
-Hub data goes through ``datasets.load_dataset`` (spec P8): C4 by config ``en`` plus explicit
+Hub data goes through ``datasets.load_dataset``: C4 (whose old ``allenai--c4`` config fails on datasets >= 2.14) by config ``en`` plus explicit
 ``data_files`` with verification off (the shard does not match the split sizes in the dataset card);
 ``bookcorpus`` and ``ptb_text_only`` were script datasets, which need ``trust_remote_code`` on datasets
 2.20-3.x and no longer run at all on datasets >= 4, where their parquet conversion is read instead.
@@ -97,7 +97,7 @@ TOKEN_FILE_SUFFIXES = (".pt", ".npy")
 STREAM_PREFIX = "text-stream:"
 
 # C4 sampling redraws until a long enough document turns up. Far more redraws than this in a row means
-# the corpus has (almost) none, and upstream would spin forever (spec P6).
+# the corpus has (almost) none, and upstream would spin forever.
 MAX_REDRAWS = 200_000
 
 _ACCEPTED_CALIB = ("c4, wikitext2, bookcorpus, pg19, wikitext103-train, smoke, a text file or directory, "
@@ -361,7 +361,7 @@ PG19_DATASET = "emozilla/pg19"
 WIKITEXT103_CONFIG = "wikitext-103-v1"   # the tokenized (<unk>) variant, as the collection loads it
 WINDOWS_PREFIX = "windows:"
 WINDOW_SPECS = ("pg19", "wikitext103-train")
-# How many rows of each hub split the collection's scorer reads (spec B 1.2).
+# How many rows of each hub split the collection's scorer reads.
 PG19_ROWS = 8000
 WIKITEXT103_ROWS = 131072
 

@@ -29,7 +29,7 @@ def test_every_profile_has_a_table_with_the_recipe_rows(method):
 
 
 def test_paper_recipes_are_the_collection_runs():
-    """spec B 1.5, 1.8, 2.2: models, bf16, calibration streams, shots."""
+    """The collection's runs: models, bf16, calibration streams, shots."""
     shortgpt = load_recipe("shortgpt", "paper")
     assert shortgpt.config["model"] == "meta-llama/Llama-2-7b-hf" and shortgpt.config["dtype"] == "bfloat16"
     assert shortgpt.config["calibration"] == {"spec": "pg19", "nsamples": 1024, "seqlen": 4096, "seed": 42}

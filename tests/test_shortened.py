@@ -1,4 +1,4 @@
-"""Shortened LLaMA (methods/shortened.py) against the rules of spec A section 10, restated by brute force.
+"""Shortened LLaMA (methods/shortened.py) against the original's rules, restated by brute force.
 
 There are no golden outputs of the original for this method, so every score is recomputed here the
 slow, obvious way: the PPL criterion by deleting the block from a deep copy (surgery.remove_layers)
@@ -23,7 +23,7 @@ from repro.models import dtype_kwarg, load_model
 from tests.conftest import golden_path, tiny_llama
 
 # Nota-NetsPresso/shortened-llm @ 4031a92, output_block_sensitivity/<model>/<criterion>_n10/block_order.csv
-# (complete orders, least important first), with the blocks spec A 10.4 lists as removed at k=6 after "+".
+# (complete orders, least important first), with the blocks removed at k=6 after "+" (the same repository's block_prune.py filter).
 COMMITTED = {
     ("llama-1-7b", "ppl"): ([24, 26, 25, 10, 27, 13, 22, 14, 9, 29, 12, 15, 8, 21, 7, 28, 6, 16, 18, 23, 5, 20, 11,
                              19, 17, 3, 4, 30, 1, 31, 2, 0], {24, 26, 25, 10, 27, 13}),

@@ -34,7 +34,7 @@ def test_every_paper_cell_has_a_source_and_a_number(method):
 
 
 def test_paper_tables_transcribe_the_collection_readme():
-    # Spot checks against ../shared/specs/collection-readme.md (one cell per table and row kind).
+    # Spot checks against the collection README's paper-vs-ours tables (one cell per table and row kind).
     assert load_profile("wanda", "paper").rows["2of4"]["arc_easy"].values == {"paper": 61.78, "collection": 62.6}
     assert load_profile("sparsegpt", "paper").rows["4of8"]["rte"].values == {"paper": 55.2, "collection": 56.7}
     assert load_profile("magnitude", "paper").rows["2of4"]["hellaswag"].values == {"paper": 42.3,
