@@ -13,14 +13,16 @@ the others cast every floating-point parameter.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Literal, Optional, get_args
 
 import torch
 from torch import nn
 
 from methods.errors import UsageError
 
-GRAD_DTYPES = {"model": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The one declaration of the option's values; both methods' Options use this type.
+GradDtype = Literal["model", "float32", "float16", "bfloat16"]
+GRAD_DTYPES = dict(zip(get_args(GradDtype), (None, torch.float32, torch.float16, torch.bfloat16)))
 
 
 @contextlib.contextmanager

@@ -93,7 +93,7 @@ class Options:
     mode: Annotated[Literal["block", "channel"], Field(
         description="block: heads and MLP channels of each layer; channel: the hidden size of the whole model")
     ] = "block"
-    grad_dtype: Annotated[Literal["model", "float32", "float16", "bfloat16"], Field(
+    grad_dtype: Annotated[gradients.GradDtype, Field(
         description="dtype of the gradients and scores ('model': the loaded dtype)")] = "float32"
     gqa_importance: Annotated[Literal["strided", "grouped"], Field(
         description="how query channels score a key/value group: the original's stride, or the removed heads")

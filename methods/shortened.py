@@ -53,7 +53,7 @@ class Options:
     block_reduction: Annotated[Reduction, Field(description="taylor: over a block's weight scores")] = "sum"
     # The original ran LLaMA-1's Taylor analysis on the CPU in fp32, and Llama-2's (--use_bfloat) in
     # the loaded bf16.
-    grad_dtype: Annotated[Literal["model", "float32", "float16", "bfloat16"], Field(
+    grad_dtype: Annotated[gradients.GradDtype, Field(
         description="taylor: dtype of the backward pass ('model': the loaded dtype)")] = "float32"
 
 
