@@ -43,6 +43,17 @@ def resolve(spec: str) -> str:
     return spec
 
 
+def checked_path(spec: str, flag: str = "--model") -> str:
+    """`resolve`, refusing in one line a local path that is not a checkpoint directory (a hub id passes)."""
+    path = resolve(spec)
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise UsageError(f"{flag} {spec}: not a Hugging Face model directory (no config.json)")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UsageError(f"{flag} {spec}: model directory not found")
+    return path
+
+
 def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = None,
                load_tokenizer: bool = True) -> Tuple[torch.nn.Module, object]:
     """(model, tokenizer or None) on the CPU in `dtype`; methods move layers to the GPU themselves."""
@@ -53,12 +64,7 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
     register()  # structurally pruned checkpoints of this kit load without trust_remote_code
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    path = resolve(spec)
-    local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise UsageError(f"model directory not found: {path}")
+    path = checked_path(spec)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as exc:

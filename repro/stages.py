@@ -76,11 +76,11 @@ def files_identity(files: List[Path]) -> str:
 def train(options: TrainOptions, *, overwrite: bool = False, log: Callable[[str], None] = print) -> int:
     """`lpc train`: validate everything, then train (here, or on `nproc` processes under torchrun)."""
     from repro import data
-    from repro.models import tokenizer_for
+    from repro.models import checked_path, tokenizer_for
 
     out = Path(options.out)
-    model_path = _checkpoint_path(options.model, "--model")
-    teacher_path = _checkpoint_path(options.teacher, "--teacher") if options.teacher else None
+    model_path = checked_path(options.model, "--model")
+    teacher_path = checked_path(options.teacher, "--teacher") if options.teacher else None
     config = _config(model_path, "--model")
     if teacher_path:
         teacher_vocab = _config(teacher_path, "--teacher").vocab_size
@@ -199,18 +199,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _checkpoint_path(spec: str, flag: str) -> str:
-    from repro.models import resolve
-
-    path = resolve(spec)
-    local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise UsageError(f"{flag} {spec}: not a Hugging Face model directory (no config.json)")
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise UsageError(f"{flag} {spec}: model directory not found")
-    return path
 
 
 def _config(path: str, flag: str):
