@@ -7,7 +7,7 @@ import yaml
 from methods.errors import UsageError
 from repro import data
 from repro.cli import main
-from repro.runner import RECIPES, load_recipe
+from repro.recipe import RECIPES, load_recipe
 from repro.tables import load_profile
 
 METHODS = ("shortgpt", "minitron-depth")

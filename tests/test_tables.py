@@ -8,7 +8,7 @@ import yaml
 
 from methods import REGISTRY
 from methods.errors import UsageError
-from repro.runner import RECIPES, load_recipe
+from repro.recipe import RECIPES, load_recipe
 from repro.tables import TABLES, available_methods, load_profile
 from repro.tolerance import accuracy_band, band
 
