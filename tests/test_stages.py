@@ -311,9 +311,11 @@ def test_submit_local_runs_the_chain_through_jobman(tmp_path, jobman_home, capsy
     assert main(repro_args(recipe, results, "--submit", "local")) == 0
     out = capsys.readouterr().out
     assert "7 jobs submitted to local" in out
-    queue = subprocess.run([sys.executable, "-m", "jobman", "queue", "--all"], capture_output=True, text=True,
-                           env=os.environ, timeout=120)
-    assert "lpc-magnitude-2of4-sparse-train" in queue.stdout, queue.stdout + queue.stderr
+    queue = subprocess.run([sys.executable, "-m", "jobman", "queue", "--all", "--json"], capture_output=True,
+                           text=True, env=os.environ, timeout=120)
+    names = [job["name"] for job in json.loads(queue.stdout)]
+    assert names == [f"lpc-magnitude-{n}" for n in ("dense-eval", "2of4-prune", "2of4-eval", "2of4-sparse-prune",
+                                                     "2of4-sparse-train", "2of4-sparse-eval", "diff")], queue.stderr
     assert _wait_all(jobman_home) == 0
     assert set(_states(jobman_home).values()) == {"COMPLETED"}
     assert result(results, "2of4-sparse")["metrics"]["pattern"] == 1.0
