@@ -146,8 +146,11 @@ def _discard(recipe: Recipe, work: Path, ran: List[str], later: List[str], keep:
             shutil.rmtree(folder, ignore_errors=True)
             continue
         shutil.rmtree(folder / "pruned", ignore_errors=True)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+    for empty in (work / row for row in ran):
+        if empty.is_dir() and not any(empty.iterdir()):
+            empty.rmdir()
+    if work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
 
 
 def select_rows(recipe: Recipe, rows: Optional[List[str]]) -> List[str]:

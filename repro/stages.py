@@ -117,9 +117,18 @@ def manifest_chain(model: str) -> Dict[str, dict]:
         chain["train"] = trained
         folder = Path(trained["options"]["model"])
     pruned = read_manifest(folder, PRUNE_MANIFEST)
+    if pruned is None and trained is not None:
+        # The pruned checkpoint may be gone (lpc repro --keep-stages trained); its record is not.
+        pruned = trained.get("lineage", {}).get("prune")
     if pruned is not None:
         chain["prune"] = pruned
     return chain
+
+
+def lineage(model_path: str) -> Dict[str, dict]:
+    """The manifest of the checkpoint a stage reads, kept in the stage's own (not part of its identity)."""
+    pruned = read_manifest(model_path, PRUNE_MANIFEST)
+    return {"prune": pruned} if pruned is not None else {}
 
 
 def prune_report(manifest: dict) -> dict:
@@ -346,7 +355,8 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
     if report is not None:
         write_json_atomic(out / TRAIN_MANIFEST, {"stage": "train", "fingerprint": stamp,
                                                  "options": options.model_dump(), "inputs": inputs,
-                                                 **report, "provenance": provenance()})
+                                                 **report, "lineage": lineage(model_path),
+                                                 "provenance": provenance()})
         if not options.keep_checkpoints:
             checkpoint.discard(out)
         log(f"trained {options.model} ({options.kind}, {options.steps} steps) -> {out}")
@@ -428,7 +438,7 @@ def _train_lora(options: TrainOptions, model_path: str, tokenizer, inputs: dict,
     device = options.device if options.device != "auto" else ("cuda" if _cuda() else "cpu")
     report = lora.recover(model, tokenizer, spec, device=device, seed=options.seed)
     manifest = {"stage": "train", "fingerprint": stamp, "options": options.model_dump(), "inputs": inputs,
-                **report, "provenance": provenance()}
+                **report, "lineage": lineage(model_path), "provenance": provenance()}
     _save_with_manifest(model.cpu(), tokenizer, Path(options.out), TRAIN_MANIFEST, manifest)
     log(f"trained {options.model} (lora, {report['steps']} steps) -> {options.out}")
     return 0
@@ -583,7 +593,7 @@ def evaluate(recipe, table, row: str, *, model: str, results_root, cache: Option
         "calibration": pruned.get("calibration") if pruned else None,
         "seed": recipe.seed, "metrics": metrics, "harness": harness, "batch_size": config.get("batch_size", 1),
         "prune": prune_report(pruned) if pruned else None,
-        "training": {k: v for k, v in trained.items() if k != "provenance"} if trained else None,
+        "training": {k: v for k, v in trained.items() if k not in ("provenance", "lineage")} if trained else None,
         "checkpoint": {"path": str(model), "backend": backend, **checkpoint_identity(str(model), str(model))},
         "stages": {**_stage_timings(pruned, trained), "evaluate": evaluated},
         "provenance": provenance(),

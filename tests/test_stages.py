@@ -82,6 +82,8 @@ def test_a_training_row_runs_prune_train_eval_and_keeps_the_two_of_four_pattern(
     stages = results / "golden" / "magnitude" / "stages"
     assert sorted(p.name for p in stages.iterdir()) == ["2of4-sparse"]
     assert sorted(p.name for p in (stages / "2of4-sparse").iterdir()) == ["trained"]
+    assert json.loads((stages / "2of4-sparse" / "trained" / "train.json").read_text())["lineage"]["prune"][
+        "fingerprint"] == trained["training"]["inputs"]["model"]["fingerprint"]
     # The untrained 2:4 row's perplexity is the golden one: the checkpoint round trip changes nothing.
     assert result(results, "2of4")["metrics"]["ppl"] == pytest.approx(TWO_FOUR_PPL, rel=1e-6)
 
@@ -111,6 +113,14 @@ def test_lpc_eval_writes_what_the_pipeline_wrote(tmp_path, capsys):
     assert main(["eval", "--model", str(stages / "2of4" / "pruned"), "--method", "magnitude", "--profile", "golden",
                  "--row", "dense", "--recipe", str(recipe), "--results-dir", str(second)]) == 2
     assert "row dense evaluates the unpruned model itself" in capsys.readouterr().err
+    # A trained checkpoint keeps the record of the prune it came from, when the pruned one is gone.
+    import shutil
+
+    shutil.rmtree(stages / "2of4-sparse" / "pruned")
+    third = tmp_path / "third"
+    assert main(["eval", "--model", str(stages / "2of4-sparse" / "trained"), "--method", "magnitude", "--profile",
+                 "golden", "--row", "2of4-sparse", "--recipe", str(recipe), "--results-dir", str(third)]) == 0
+    assert result(third, "2of4-sparse")["prune"] == result(first, "2of4-sparse")["prune"]
 
 
 def test_lpc_prune_skips_a_finished_prune_and_refuses_to_mix_runs(tmp_path, capsys):
