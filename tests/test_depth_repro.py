@@ -127,6 +127,29 @@ def test_one_smoke_row_matches_its_reference(results, method, row, capsys):
 
 
 @pytest.mark.slow
+def test_minitron_depth_training_rows_prune_train_evaluate_and_diff(results, capsys):
+    """`make repro-minitron-depth PROFILE=smoke`'s training rows: the 22-layer model pruned once,
+    trained with cross-entropy and, at equal steps, distilled from the dense model, then evaluated."""
+    from repro.results import read_json
+
+    rows = "dense,ppl-n8,ppl-n8-cpt,ppl-n8-kd"
+    code = main(["repro", "minitron-depth", "--profile", "smoke", "--rows", rows, "--results-dir", str(results)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("the same prune as") == 2   # one depth scan for the three rows
+    folder = results / "smoke" / "minitron-depth"
+    cpt, kd = read_json(folder / "ppl-n8-cpt.json"), read_json(folder / "ppl-n8-kd.json")
+    assert cpt["training"]["options"]["kind"] == "cpt" and kd["training"]["options"]["kind"] == "kd"
+    assert kd["training"]["options"]["teacher"] == "smoke"
+    assert cpt["training"]["log"][-1]["tokens"] == kd["training"]["log"][-1]["tokens"]
+    assert cpt["prune"]["layers_removed"] == kd["prune"]["layers_removed"] == read_json(folder / "ppl-n8.json")[
+        "prune"]["layers_removed"]
+    for claim in ("cpt-lowers-perplexity", "kd-lowers-perplexity", "kd-beats-cpt-at-equal-steps"):
+        line = next(l for l in out.splitlines() if claim in l)
+        assert "PASS" in line or "XFAIL" in line, line
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["minitron-depth", "shortgpt"])
 def test_every_smoke_row_figure_and_claim(results, method, capsys):
     code = main(["repro", method, "--profile", "smoke", "--results-dir", str(results)])

@@ -315,7 +315,9 @@ def _wait_all(home: Path, timeout: float = 900) -> int:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="jobman's local backend checks processes through /proc")
-def test_submit_local_runs_the_chain_through_jobman(tmp_path, jobman_home, capsys):
+def test_submit_local_runs_the_chain_through_jobman(tmp_path, jobman_home, capsys, monkeypatch):
+    secret = "hf_not_a_real_token_0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
     recipe = write_recipe(tmp_path, steps=4)
     results = tmp_path / "results"
     assert main(repro_args(recipe, results, "--submit", "local")) == 0
@@ -334,7 +336,12 @@ def test_submit_local_runs_the_chain_through_jobman(tmp_path, jobman_home, capsy
     texts = [p.read_text() for p in script]
     train = next(t for t in texts if "-train" in t.splitlines()[1])
     assert "torch.distributed.run --standalone --nnodes 1 --nproc-per-node 1 -m repro.cli train" in train
-    assert all("HF_TOKEN=" not in t for t in texts)
+    # The token goes by name: jobman reads it where the job runs; no script, log or database holds it.
+    shown = json.loads(subprocess.run([sys.executable, "-m", "jobman", "show", "1", "--json"], capture_output=True,
+                                      text=True, env=os.environ, timeout=120).stdout)
+    assert shown["spec"]["secrets"] == ["HF_TOKEN"]
+    stored = [p for p in jobman_home.rglob("*") if p.is_file()]
+    assert stored and not any(secret.encode() in p.read_bytes() for p in stored)
     # Everything done: a second submission has only the diff left to run.
     assert main(repro_args(recipe, results, "--submit", "local")) == 0
     assert "1 jobs submitted" in capsys.readouterr().out
