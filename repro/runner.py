@@ -26,10 +26,6 @@ from repro.stages import StageFailed
 from repro.tables import Profile, load_profile
 
 STAGES = "stages"
-# --keep-stages: which stage checkpoints stay once a row's result is written. Training is the
-# expensive part (GPU days in the paper profile); a pruned checkpoint is quick to remake and as
-# large as the model, so by default only trained ones are kept.
-KEEP = ("all", "trained", "none")
 
 
 class DenseGateFailed(Exception):
@@ -132,8 +128,10 @@ def check_device(recipe: Recipe) -> None:
 
 
 def _discard(recipe: Recipe, work: Path, ran: List[str], later: List[str], keep: str) -> None:
-    """Stage checkpoints of the rows run so far that `keep` lets go of, except a prune that a later
-    row of this run will share (`_share_prune`)."""
+    """Stage checkpoints of the rows run so far that `keep` (all | trained | none) lets go of, except a
+    prune that a later row of this run will share (`_share_prune`). Training is the expensive part
+    (GPU days in the paper profile); a pruned checkpoint is quick to remake and as large as the model,
+    so by default (trained) only trained ones stay."""
     if keep == "all":
         return
     needed = {stages.prune_fingerprint(recipe.prune_request(r, out=work / r / "pruned")) for r in later if r != DENSE}

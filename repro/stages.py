@@ -230,6 +230,7 @@ def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) 
     from repro.evaluate import model_seqlen
     from repro.models import load_model
     from repro.provenance import provenance
+    from repro.results import write_json_atomic
 
     seed_everything(request.seed)
     timings = {}
@@ -265,9 +266,7 @@ def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) 
     _save_with_manifest(model, tokenizer, Path(request.out), PRUNE_MANIFEST, manifest)
     timings["save"] = time.perf_counter() - start
     manifest["peak_rss_mib"] = _peak_rss_mib()
-    from repro.results import write_json_atomic
-
-    write_json_atomic(Path(request.out) / PRUNE_MANIFEST, manifest)  # the save's own timing and memory
+    write_json_atomic(Path(request.out) / PRUNE_MANIFEST, manifest)  # with the save's own timing and memory
     if "parameters" in report:
         summary = "{pruned:,} of {dense:,} parameters kept".format(**report["parameters"])
     else:
@@ -290,12 +289,18 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- lpc train
 
-def train_identity(options: TrainOptions) -> Tuple[str, dict]:
-    """(fingerprint, inputs) of a training stage: its options and the identity of what it reads."""
+def train_identity(options: TrainOptions, *, pruned: Optional[str] = None) -> Tuple[str, dict]:
+    """(fingerprint, inputs) of a training stage: its options and the identity of what it reads.
+
+    `pruned`: the fingerprint of the prune stage that will write --model, for a stage planned before
+    its input exists (`lpc repro --submit`)."""
     from repro.models import checked_path
 
-    model_path = checked_path(options.model, "--model")
-    inputs = {"model": checkpoint_identity(options.model, model_path), "data": data_identity(options.data)}
+    if pruned is not None:
+        model = {"spec": options.model, "manifest": PRUNE_MANIFEST, "fingerprint": pruned}
+    else:
+        model = checkpoint_identity(options.model, checked_path(options.model, "--model"))
+    inputs = {"model": model, "data": data_identity(options.data)}
     if options.teacher:
         inputs["teacher"] = checkpoint_identity(options.teacher, checked_path(options.teacher, "--teacher"))
     return fingerprint({"options": options.fingerprint_fields(), "inputs": inputs}), inputs
@@ -476,8 +481,28 @@ def _done(out: Path, stamp: str) -> bool:
     return manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == stamp
 
 
+def train_state(out, stamp: str) -> str:
+    """What a training stage's OUT holds for a run of fingerprint `stamp`: 'done', 'resumable'
+    (this run's own checkpoints, or nothing yet) or 'stale' (another run's output)."""
+    from training import checkpoint
+
+    out = Path(out)
+    if _done(out, stamp):
+        return "done"
+    if _empty(out):
+        return "resumable"
+    if {p.name for p in out.iterdir()} <= {checkpoint.CHECKPOINTS, checkpoint.STAGING}:
+        try:
+            checkpoint.check_resumable(out, stamp)
+            return "resumable"
+        except UsageError:
+            return "stale"
+    return "stale"
+
+
 def _prepare_out(out: Path, stamp: str, overwrite: bool, replace_stale: bool = False) -> None:
-    """An empty OUT, or one holding this run's own resumable checkpoints; anything else needs --overwrite."""
+    """An empty OUT, or one holding this run's own resumable checkpoints; anything else needs --overwrite
+    (or, for the pipeline that owns OUT, `replace_stale`)."""
     from training import checkpoint
 
     if _empty(out):
@@ -485,16 +510,13 @@ def _prepare_out(out: Path, stamp: str, overwrite: bool, replace_stale: bool = F
     if overwrite:
         shutil.rmtree(out)
         return
-    if {p.name for p in out.iterdir()} <= {checkpoint.CHECKPOINTS, checkpoint.STAGING}:
-        try:
-            checkpoint.check_resumable(out, stamp)  # an interrupted run: this one's, or refused
-            return
-        except UsageError:
-            if not replace_stale:
-                raise
+    if train_state(out, stamp) == "resumable":
+        return
     if replace_stale:
         shutil.rmtree(out)
         return
+    if {p.name for p in out.iterdir()} <= {checkpoint.CHECKPOINTS, checkpoint.STAGING}:
+        checkpoint.check_resumable(out, stamp)  # refused: another run's checkpoints, in its own words
     raise UsageError(f"{out} exists and holds something else; pass --overwrite to replace it")
 
 

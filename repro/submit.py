@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,18 +98,21 @@ def plan(recipe: Recipe, table, rows: List[str], *, results_root: Path, work: Pa
         name = _job_name(base, row)
         previous = [gate] if gate is not None and row != DENSE else []
         model = recipe.config["model"]
-        pruned_now = False
         if row != DENSE:
             request = recipe.prune_request(row, out=work / row / "pruned")
+            pruned = stages.prune_fingerprint(request)
             done = stages.read_manifest(request.out, stages.PRUNE_MANIFEST)
-            if done is None or done.get("fingerprint") != stages.prune_fingerprint(request):
+            if done is None or done.get("fingerprint") != pruned:
                 job = Job(f"{name}-prune", _prune_command(request), after=previous, accelerator=single)
                 jobs.append(job)
-                previous, pruned_now = [job], True
+                previous = [job]
             model = str(request.out)
             options = recipe.train_options(row, model=model, out=work / row / "trained")
             if options is not None:
-                if pruned_now or not _trained(options):
+                state = stages.train_state(options.out, stages.train_identity(options, pruned=pruned)[0])
+                if state == "stale":  # the row's own folder, left by other inputs: the job starts afresh
+                    shutil.rmtree(options.out)
+                if state != "done":
                     jobs.append(_train_job(f"{name}-train", options, previous, accelerator, per_node, nodes, one))
                     previous = [jobs[-1]]
                 model = options.out
@@ -142,11 +146,6 @@ def _prune_command(request: stages.PruneRequest) -> List[str]:
     for key, value in request.options.items():
         args += ["--option", f"{key}={json.dumps(value)}"]
     return args
-
-
-def _trained(options) -> bool:
-    done = stages.read_manifest(options.out, stages.TRAIN_MANIFEST)
-    return done is not None and done.get("fingerprint") == stages.train_identity(options)[0]
 
 
 def _train_job(name: str, options, after: List[Job], accelerator: Optional[str], per_node: Optional[int],

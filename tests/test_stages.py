@@ -361,3 +361,37 @@ def test_a_failed_stage_cancels_its_dependants(tmp_path, jobman_home, capsys):
     assert states["lpc-magnitude-2of4-sparse-eval"] == "CANCELLED"
     assert states["lpc-magnitude-diff"] == "FAILED"       # it ran, and the missing row fails it
     assert not (results / "golden" / "magnitude" / "2of4-sparse.json").exists()
+
+
+def test_submit_plans_only_the_stages_not_done(tmp_path, capsys):
+    """The plan behind --submit, without running it: finished stages get no job, a training left by
+    other inputs in the row's own folder is cleared, the training job runs under torchrun."""
+    from repro import submit
+    from repro.recipe import load_recipe
+    from repro.tables import load_profile
+
+    path = write_recipe(tmp_path, steps=2, rows={"dense": {}, "2of4-sparse": {"sparsity_type": "2:4",
+                                                                              "train": "sparse"}})
+    results = tmp_path / "results"
+    assert main(repro_args(path, results, "--keep-stages", "all")) == 0
+    raw = yaml.safe_load(path.read_text())
+    raw["profiles"]["golden"]["training"]["sparse"]["steps"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe("magnitude", "golden", path)
+    table = load_profile("magnitude", "golden", recipe.table)
+    work = results / "golden" / "magnitude" / "stages"
+    jobs = submit.plan(recipe, table, ["dense", "2of4-sparse"], results_root=results, work=work.resolve(),
+                       gpus="A100:1", nodes=2, dense_gate=True, log=lambda _: None)
+    assert [j.name for j in jobs] == ["lpc-magnitude-2of4-sparse-train", "lpc-magnitude-2of4-sparse-eval",
+                                      "lpc-magnitude-diff"]
+    assert not (work / "2of4-sparse" / "trained").exists()        # stale: cleared for the job
+    assert (work / "2of4-sparse" / "pruned" / "prune.json").is_file()  # done: kept, no job
+    train = jobs[0]
+    assert train.accelerator == "A100:1" and train.nodes == 2 and train.torchrun == (2, 1)
+    text = submit.script(train, ["python3"], "test")
+    assert "--nnodes 2 --rdzv-backend c10d" in text and "--nproc-per-node 1 -m repro.cli train" in text
+    assert "--steps 3" in text and "--nproc" not in text.replace("--nproc-per-node", "")
+    assert jobs[1].after == [train] and jobs[2].kind == "afterany" and jobs[2].after == [jobs[1]]
+    with pytest.raises(Exception, match="not divisible by micro batch 2 x 6 processes"):
+        submit.plan(recipe, table, ["2of4-sparse"], results_root=results, work=work.resolve(), gpus="3",
+                    nodes=2, dense_gate=True, log=lambda _: None)
