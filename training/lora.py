@@ -1,5 +1,5 @@
-"""LoRA recovery after pruning: LLM-Pruner's `post_training.py` (spec A 9.5), which Shortened LLaMA's
-`lora_retrain.py` repeats (10.5), as one plain training loop.
+"""LoRA recovery after pruning: LLM-Pruner's `post_training.py`, which Shortened LLaMA's
+`lora_retrain.py` repeats, as one plain training loop (`lpc train --kind lora` runs it as a stage).
 
     report = recover(model, tokenizer, {"data": "alpaca-cleaned", "max_steps": 20}, device="cuda", seed=42)
 
