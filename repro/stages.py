@@ -110,8 +110,10 @@ def read_manifest(folder, name: str) -> Optional[dict]:
 
 def manifest_chain(model: str) -> Dict[str, dict]:
     """The stage manifests behind a checkpoint: its train.json and the prune.json of the model it trained."""
+    from repro.models import resolve
+
     chain: Dict[str, dict] = {}
-    folder = Path(model)
+    folder = Path(resolve(model))
     trained = read_manifest(folder, TRAIN_MANIFEST)
     if trained is not None:
         chain["train"] = trained
