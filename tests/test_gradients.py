@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import methods
 from methods import gradients, llm_pruner, shortened
 from methods.errors import UsageError
 from tests.conftest import tiny_llama
@@ -59,13 +60,12 @@ def test_both_methods_take_the_same_grad_dtype_values_with_float32_default():
     assert list(gradients.GRAD_DTYPES) == ["model", "float32", "float16", "bfloat16"]
     assert llm_pruner.Options(pruning_ratio=0.5).grad_dtype == "float32"
     assert shortened.Options(criterion="taylor", remove_layers=1).grad_dtype == "float32"
-    for value in gradients.GRAD_DTYPES:
-        llm_pruner.Options(pruning_ratio=0.5, grad_dtype=value).validate()
-        shortened.Options(criterion="taylor", remove_layers=1, grad_dtype=value).validate()
-    for options in (llm_pruner.Options(pruning_ratio=0.5, grad_dtype="fp16"),
-                    shortened.Options(criterion="taylor", remove_layers=1, grad_dtype="fp16")):
-        with pytest.raises(UsageError, match="grad_dtype"):
-            options.validate()
+    for name, options in (("llm-pruner", {"pruning_ratio": 0.5}),
+                          ("shortened", {"criterion": "taylor", "remove_layers": 1})):
+        for value in gradients.GRAD_DTYPES:
+            assert methods.make_options(methods.get(name), dict(options, grad_dtype=value)).grad_dtype == value
+        with pytest.raises(UsageError, match=f"^method '{name}': option grad_dtype must be 'model', "):
+            methods.make_options(methods.get(name), dict(options, grad_dtype="fp16"))
 
 
 def test_shortened_taylor_in_float16_scores_as_on_fp16_weights_and_leaves_the_fp32_model_alone():
