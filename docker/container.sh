@@ -115,7 +115,7 @@ why() {
     local out="$1"
     if grep -qi "manifest unknown" <<<"${out}"; then
         echo "the registry has no manifest with that digest (never pushed there, or deleted)"
-    elif grep -qiE "digest.*(did not match|mismatch|does not match)|(did not match|mismatch).*digest|invalid checksum digest" <<<"${out}"; then
+    elif grep -qiE "digest.*(did not match|does not match|mismatch)|(did not match|does not match|mismatch).*digest|invalid checksum digest" <<<"${out}"; then
         echo "what the registry sent does not match the digest in the lock file (tampered or corrupted); nothing was kept"
     elif grep -qiE "connection refused|no such host|i/o timeout|server gave HTTP response to HTTPS" <<<"${out}"; then
         echo "the registry cannot be reached: $(grep -iE 'connection refused|no such host|i/o timeout|HTTP response' <<<"${out}" | tail -n 1 | cut -c1-200)"
@@ -330,37 +330,43 @@ smoke() {
     done < <(images smoke "${image}")
 }
 
-cmd="${1:-}"; shift || true
-case "${cmd}" in
-engine)
-    [ -n "${ENGINE}" ] || exit 1
-    echo "${KIND}"
-    ;;
-build|local-base|lock|push|pull|ref|smoke)
-    check_image "${1:-}" "${cmd}"
+main() {
+    local cmd="${1:-}" ref
+    shift || true
     case "${cmd}" in
-        build) build "$1" ;;
-        local-base) local_base "$1" ;;
-        lock) lock "$1" ;;
-        push) push "$1" ;;
-        pull) pull "$1" ;;
-        smoke) smoke "$1" ;;
-        ref) ref="$(resolve_ref "$1")"; [ -n "${ref}" ] || exit 1; echo "${ref}" ;;
+    engine)
+        [ -n "${ENGINE}" ] || exit 1
+        echo "${KIND}"
+        ;;
+    build|local-base|lock|push|pull|ref|smoke)
+        check_image "${1:-}" "${cmd}"
+        case "${cmd}" in
+            build) build "$1" ;;
+            local-base) local_base "$1" ;;
+            lock) lock "$1" ;;
+            push) push "$1" ;;
+            pull) pull "$1" ;;
+            smoke) smoke "$1" ;;
+            ref) ref="$(resolve_ref "$1")"; [ -n "${ref}" ] || exit 1; echo "${ref}" ;;
+        esac
+        ;;
+    exists)
+        [ -n "${1:-}" ] && [[ " $(images list) " == *" $1 "* ]] || exit 1
+        [ -n "${ENGINE}" ] && command -v "${ENGINE}" >/dev/null 2>&1 || exit 1
+        timeout 20 "${ENGINE}" ${FLAGS[@]+"${FLAGS[@]}"} info >/dev/null 2>&1 || exit 1
+        ref="$(resolve_ref "$1")"
+        [ -n "${ref}" ] || exit 1
+        eng image inspect "${ref}" >/dev/null 2>&1
+        ;;
+    run)
+        check_image "${1:-}" run
+        run "$@"
+        ;;
+    *)
+        fail "usage: container.sh engine|build|local-base|lock|push|pull|ref|exists|run|smoke IMAGE [-- COMMAND...]"
+        ;;
     esac
-    ;;
-exists)
-    [ -n "${1:-}" ] && [[ " $(images list) " == *" $1 "* ]] || exit 1
-    [ -n "${ENGINE}" ] && command -v "${ENGINE}" >/dev/null 2>&1 || exit 1
-    timeout 20 "${ENGINE}" ${FLAGS[@]+"${FLAGS[@]}"} info >/dev/null 2>&1 || exit 1
-    ref="$(resolve_ref "$1")"
-    [ -n "${ref}" ] || exit 1
-    eng image inspect "${ref}" >/dev/null 2>&1
-    ;;
-run)
-    check_image "${1:-}" run
-    run "$@"
-    ;;
-*)
-    fail "usage: container.sh engine|build|local-base|lock|push|pull|ref|exists|run|smoke IMAGE [-- COMMAND...]"
-    ;;
-esac
+}
+
+# One line, read whole before main runs: an edit of this file during a long build cannot derail the end.
+main "$@"; exit $?

@@ -899,9 +899,11 @@ def _dry_run(job, env, cwd, artifacts, before_step=None):
             if before_step:
                 before_step(name, env)
             start = time.monotonic()
+            # a step's own `${{ }}` inputs (a workflow_dispatch input, a secret) are empty here, as
+            # on a push of a tag
+            own = {k: "" if str(v).lstrip().startswith("${{") else str(v) for k, v in (step.get("env") or {}).items()}
             proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", step["run"]], cwd=str(cwd),
-                                  env=dict(env, **(step.get("env") or {})), capture_output=True, text=True,
-                                  timeout=LONG)
+                                  env=dict(env, **own), capture_output=True, text=True, timeout=LONG)
             assert proc.returncode == 0, "step %r:\n%s%s" % (name, proc.stdout[-6000:], proc.stderr[-6000:])
             ran.append((name, round(time.monotonic() - start, 1)))
     return ran
@@ -978,7 +980,7 @@ def test_release_workflow_dry_run_push_pull_and_repro(tmp_path):
                      cwd=clone, makefile=clone / "Makefile", timeout=LONG)
         timings["repro_magnitude_s"] = round(time.monotonic() - start, 1)
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
-        assert "venv" not in proc.stdout, "a run in the image set up a venv on the host"
+        assert "-m venv" not in proc.stdout and "pip install" not in proc.stdout, "a run in the image set up a venv"
         for row in ("dense", "unstructured-0.5", "4of8", "2of4"):
             record = json.loads((results / "smoke" / "magnitude" / ("%s.json" % row)).read_text())
             assert record["provenance"]["image_digest"] == ref, row
