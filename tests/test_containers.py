@@ -415,6 +415,20 @@ def test_images_mk_maps_methods_and_images():
         assert got["IMAGE_OF_" + image] == image
 
 
+def test_make_images_builds_every_image_of_the_table_in_order(fake):
+    env = {"LPC_IMAGES_LOCK": str(fake["null"]), "CONTAINER_ENGINE": fake["engines"]["podman"],
+           "FAKE_ENGINE_LOG": str(fake["log"]), "BASE_IMAGE": "localhost/some-base:1"}
+    proc = _make("images", env=env)
+    assert proc.returncode == 0, proc.stderr
+    builds = [c for c in _calls(fake["log"]) if c[0] == "build"]
+    assert [c[c.index("-t") + 1] for c in builds] == ["localhost/llm-pruning-kit/%s:local" % i for i in FAMILIES]
+    for image, call in zip(FAMILIES, builds):
+        args = [call[i + 1] for i, a in enumerate(call) if a == "--build-arg"]
+        assert "IMAGE=%s" % image in args and "PYTHON_VERSION=%s" % images.IMAGES[image].python in args
+        assert "BASE_IMAGE=localhost/some-base:1" in args  # BASE_IMAGE replaces the table's base
+        assert call[call.index("-f") + 1] == str(DOCKERFILE)
+
+
 # A stand-in for docker/podman: logs its argv as one JSON line, answers what container.sh asks.
 FAKE_ENGINE = r'''#!/usr/bin/env python3
 import json, os, sys
