@@ -21,8 +21,8 @@ IMAGES = subprocess.run(["python3", str(REPO / "docker" / "images.py"), "list"],
                         text=True).stdout.split()
 PUBLIC_TARGETS = ["help", "setup", "smoke-model", "test", "test-tf443", "test-jobman", "test-all", "test-container",
                   "smoke", "bench", "report", "diff-committed", "images", *(f"repro-{m}" for m in METHODS),
-                  *(f"{verb}-{m}" for verb in ("image", "pull") for m in IMAGE_METHODS),
-                  *(f"{verb}-{i}" for verb in ("image", "image-smoke", "lock", "push") for i in IMAGES)]
+                  *(f"{verb}-{m}" for verb in ("image", "pull") for m in IMAGE_METHODS)]
+IMAGE_TARGETS = [f"{verb}-{i}" for verb in ("image", "image-smoke", "lock", "push") for i in IMAGES]
 
 
 def _kit_files():
@@ -69,6 +69,17 @@ def test_make_dry_run_resolves(target):
     proc = _make("-n", target)
     assert proc.returncode == 0, proc.stderr
     assert "No rule to make target" not in proc.stderr
+
+
+def test_every_image_target_resolves():
+    """image-, image-smoke-, lock- and push-<image> for every image of docker/images.py, in one dry run."""
+    assert IMAGES, "docker/images.py lists no image"
+    proc = _make("-n", *IMAGE_TARGETS)
+    assert proc.returncode == 0, proc.stderr
+    assert "No rule to make target" not in proc.stderr
+    for image in IMAGES:
+        for verb in ("build", "smoke", "lock", "push"):
+            assert f"container.sh {verb} {image}" in proc.stdout, (verb, image)
 
 
 def test_every_registered_image_is_in_the_image_table():
