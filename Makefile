@@ -19,12 +19,13 @@ export LPC_CACHE
 # docker when an engine and the method's image are present, else the local venv.
 RUNTIME ?= auto
 
-.PHONY: help setup test test-tf443 test-jobman test-all test-container smoke bench report diff-committed clean
+.PHONY: help setup smoke-model test test-tf443 test-jobman test-all test-container smoke bench report diff-committed clean
 
 help:
 	@echo "make repro-<method> PROFILE=smoke|paper [RUNTIME=local|docker]   methods: $(METHODS)"
-	@echo "make test | test-all | test-container | smoke | bench | report | setup"
-	@echo "make image-<method> | pull-<method>"
+	@echo "make test | test-all | test-container | smoke | bench | report | setup | smoke-model"
+	@echo "make image-<method> | pull-<method>            images: $(IMAGE_FAMILIES)"
+	@echo "make images | image-<image> | image-smoke-<image> | lock-<image> | push-<image> REGISTRY=host[:port]/namespace"
 
 # ---- environments ---------------------------------------------------------------------------
 $(VENV)/.stamp: requirements/local.txt docker/requirements-lint.txt pyproject.toml
@@ -48,10 +49,14 @@ $(VENVJOB)/.stamp: requirements/jobman.txt pyproject.toml
 	$(VENVJOB)/bin/pip install -q --no-deps -e .
 	touch $@
 
-$(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json: $(VENV)/.stamp
+SMOKE_MODEL := $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
+$(SMOKE_MODEL): $(VENV)/.stamp
 	$(VENV)/bin/python -m repro.smoke_model
 
-setup: $(VENV)/.stamp $(VENV443)/.stamp $(VENVJOB)/.stamp $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
+# The main venv and the smoke model only: what `make repro-<m>` and the images' smoke runs need.
+smoke-model: $(SMOKE_MODEL)
+
+setup: $(VENV)/.stamp $(VENV443)/.stamp $(VENVJOB)/.stamp $(SMOKE_MODEL)
 
 # ---- tests ----------------------------------------------------------------------------------
 test: setup
@@ -74,7 +79,9 @@ test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "not container" --ignore=tests/jobman
 	$(MAKE) --no-print-directory test-tf443 test-jobman
 
-test-container: setup
+# Builds every image (docker/images.py) with podman, runs each one's smoke commands inside, and
+# pushes to / pulls from a registry on 127.0.0.1; needs root, podman and hours on 2 cores.
+test-container: $(VENV)/.stamp $(SMOKE_MODEL)
 	$(VENV)/bin/python -m pytest -q -m container --ignore=tests/jobman
 
 # ---- reproduction ---------------------------------------------------------------------------
@@ -95,7 +102,8 @@ endif
 repro-%: $$(if $$(filter docker,$$(call runtime_of,$$*)),container-repro-$$*,local-repro-$$*)
 	@:
 
-local-repro-%: setup
+# Only the main venv (and for the smoke profile the smoke model): not the version-matrix or jobman venvs.
+local-repro-%: $(VENV)/.stamp $$(if $$(filter smoke,$$(PROFILE)),$$(SMOKE_MODEL))
 	$(VENV)/bin/lpc repro $* --profile $(PROFILE) --results-dir $(RESULTS)
 
 smoke:

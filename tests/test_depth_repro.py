@@ -53,7 +53,8 @@ def test_recipe_options_are_valid_method_options():
         for profile in _profiles(method):
             for row, options in load_recipe(method, profile).rows.items():
                 if row != "dense":
-                    methods.make_options(methods.get(method), options)
+                    built = methods.make_options(methods.get(method), options)
+                    assert {key: getattr(built, key) for key in options} == options, (method, profile, row)
 
 
 # ----------------------------------------------------------------------------- window calibration
