@@ -87,6 +87,10 @@ def train(options: TrainOptions, *, overwrite: bool = False, log: Callable[[str]
         if teacher_vocab != config.vocab_size:
             raise UsageError(f"the teacher's vocabulary ({teacher_vocab} tokens) is not the student's "
                              f"({config.vocab_size}): logit distillation needs the same tokenizer")
+    if options.kind == "sheared":
+        from methods import sheared
+
+        sheared.target_for(config, options.recipe["target_shape"])  # a target the source can reach, or one line
     world = int(os.environ.get("WORLD_SIZE", options.nproc))
     if options.kind != "lora" and options.global_batch % (options.micro_batch * world):
         raise UsageError(f"global batch {options.global_batch} is not divisible by micro batch "
@@ -94,6 +98,8 @@ def train(options: TrainOptions, *, overwrite: bool = False, log: Callable[[str]
     inputs = {"model": checkpoint_identity(options.model, model_path), "data": data_identity(options.data)}
     if teacher_path:
         inputs["teacher"] = checkpoint_identity(options.teacher, teacher_path)
+    if options.eval_data:
+        inputs["eval_data"] = data_identity(options.eval_data)
     stamp = fingerprint({"options": options.fingerprint_fields(), "inputs": inputs})
     if _done(out, stamp):
         log(f"{out}: trained already (train.json matches these inputs)")
@@ -103,8 +109,11 @@ def train(options: TrainOptions, *, overwrite: bool = False, log: Callable[[str]
     tokenizer = tokenizer_for(model_path)
     if options.kind == "lora":
         return _train_lora(options, model_path, tokenizer, inputs, stamp, log)
+    from training.data import Dynamic
+
     factory = data.training_source(options.data, tokenizer=tokenizer, seqlen=options.seqlen, seed=options.seed,
-                                   shuffle=options.shuffle, vocab_size=config.vocab_size)
+                                   shuffle=options.shuffle, vocab_size=config.vocab_size,
+                                   dynamic=Dynamic.from_options(options))
     if options.kind == "sparse":
         zeros = stored_zero_fraction(model_path)
         if zeros < MIN_SPARSE_ZERO_FRACTION:
