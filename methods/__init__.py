@@ -63,10 +63,7 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
     dense_parameters = surgery.count_parameters(model)
     extra = {"tokenizer": tokenizer} if method.needs_tokenizer else {}
     if method.trains:
-        if state is None:
-            raise UsageError(f"method {name!r} prunes what its training run learned: run it through "
-                             f"lpc prune --method {name} (or lpc train --kind {name})")
-        extra["state"] = state
+        extra["state"] = state   # what the method's training run learned; the method says when it needs it
     start = time.perf_counter()
     report = method.run(model, None if calib is None else calib.long(), opts, compute, **extra)
     seconds = time.perf_counter() - start

@@ -122,6 +122,14 @@ class Options:
     fold_hidden_into_lm_head: Annotated[bool, Field(
         description="fold the hidden gates into the LM head as well as the final norm, as the original does")
     ] = True
+    random_units: Annotated[Optional[int], Field(
+        description="the control: no training, keep a random choice of units at the target shape drawn "
+                    "with this seed, weights unscaled")] = None
+
+    @property
+    def trains(self) -> bool:
+        """Whether pruning needs the training run (the random control does not)."""
+        return self.random_units is None
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -213,9 +221,6 @@ class Zs:
     intermediate: torch.Tensor
     layer: torch.Tensor
     hidden: torch.Tensor
-
-    def detached(self) -> "Zs":
-        return Zs(*(t.detach() for t in self.as_tuple()))
 
     def as_tuple(self):
         return self.head, self.intermediate, self.layer, self.hidden
@@ -508,18 +513,39 @@ def remove_zeroed(model: nn.Module, zs: Zs) -> dict:
     return {"layers": report_layers, "hidden_kept": hidden_kept, "layers_removed": removed}
 
 
-def prune(model: nn.Module, calib, options: Options, device: torch.device, *, state: Gates) -> dict:
+def random_gates(model: nn.Module, target: Shape, seed: int) -> Gates:
+    """Gates whose log-alphas are uniform random numbers: their deterministic form at the target keeps a
+    random choice of units (every unit equally likely) in every row."""
+    config = model.config
+    gates = Gates(shape_of(config), head_dim_of(config), target)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in gates.log_alpha.values():
+            a.copy_(torch.rand(a.shape, generator=generator))
+    return gates
+
+
+def prune(model: nn.Module, calib, options: Options, device: torch.device, *, state: Optional[Gates]) -> dict:
     """Fold the deterministic gates at the target size into the trained model, then remove the zeros.
 
     `state` is what the shearing run learned (its Gates); the run itself is the training engine's
-    `sheared` kind, which calls this at its export.
+    `sheared` kind, which calls this at its export. `random_units` (the control) needs no state: it
+    removes a seeded random choice of units and scales nothing.
     """
     target = target_for(model.config, options.target_shape)
-    if state.target != target or state.source != shape_of(model.config):
-        raise UsageError("the gates were trained for another source or target shape than this model and "
-                         "--target-shape")
-    zs = state.deterministic(target=True)
-    fold(model, zs, into_lm_head=options.fold_hidden_into_lm_head)
+    if options.random_units is not None:
+        state = random_gates(model, target, options.random_units)
+        zs = state.deterministic(target=True)
+        zs = Zs(*((z != 0).to(z.dtype) for z in zs.as_tuple()))
+    else:
+        if state is None:
+            raise UsageError("method 'sheared' prunes what its training run learned: run it through lpc prune "
+                             "--method sheared with the training settings (or lpc train --kind sheared)")
+        if state.target != target or state.source != shape_of(model.config):
+            raise UsageError("the gates were trained for another source or target shape than this model and "
+                             "--target-shape")
+        zs = state.deterministic(target=True)
+        fold(model, zs, into_lm_head=options.fold_hidden_into_lm_head)
     report = remove_zeroed(model, zs)
     report["target"] = asdict(target)
     report["scores"] = {m: state.log_alpha[m].detach().tolist() for m in GATE_SETS}

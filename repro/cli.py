@@ -119,9 +119,9 @@ def cmd_prune(args) -> int:
 
     method = methods.get(args.method)
     options = _method_options(args, method)
-    methods.make_options(method, options)  # validate before any slow loading
+    parsed = methods.make_options(method, options)  # validate before any slow loading
     given = [name for name in args.train_flags if getattr(args, name) is not None]
-    if method.trains:
+    if method.trains and getattr(parsed, "trains", True):
         return _prune_by_training(args, method, options)
     if given:
         raise UsageError(f"--{given[0].replace('_', '-')} is a training setting; method {args.method!r} does not train")

@@ -189,6 +189,32 @@ def test_gates_trained_for_another_target_are_refused():
         methods.prune(model, "sheared", state=gates, target_shape={**TARGET, "intermediate_size": 16})
 
 
+def test_the_random_control_keeps_unscaled_units_at_the_target_shape_without_training(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    dense = tiny_llama(num_kv_heads=2, num_hidden_layers=4)
+    dense.save_pretrained(tmp_path / "dense")
+    reports = []
+    for seed in (0, 1):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+        reports.append(methods.prune(model, "sheared", target_shape=TARGET, random_units=seed))
+        for name, value in TARGET.items():
+            assert getattr(model.config, name) == value
+    first = reports[0]
+    kept_layer = next(i for i in range(4) if i not in first["layers_removed"])
+    # Unscaled: a kept weight is the dense one (no gate values folded in).
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    methods.prune(model, "sheared", target_shape=TARGET, random_units=0)
+    rows = first["layers"][kept_layer]["mlp_channels_kept"]
+    new_index = [i for i in range(4) if i not in first["layers_removed"]].index(kept_layer)
+    torch.testing.assert_close(model.model.layers[new_index].mlp.up_proj.weight,
+                               dense.model.layers[kept_layer].mlp.up_proj.weight[rows][:, first["hidden_kept"]])
+    assert first["hidden_kept"] != reports[1]["hidden_kept"]
+    assert main(["prune", "--model", str(tmp_path / "dense"), "--method", "sheared", "--target-shape",
+                 json.dumps(TARGET), "--random-units", "0", "--out", str(tmp_path / "random")]) == 0
+    assert not (tmp_path / "random" / "train.json").exists()
+
+
 def test_the_embedding_is_unmasked_while_shearing_unless_asked():
     model = tiny_llama(num_kv_heads=2, num_hidden_layers=4)
     zs = _spread_gates(model).deterministic(target=True)

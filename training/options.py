@@ -135,8 +135,10 @@ class TrainOptions(BaseModel):
             raise ValueError(f"--update-interval with rule {self.update_rule} needs --reference-loss per domain")
 
     def fingerprint_fields(self) -> dict:
-        """What decides the result: everything but where it goes and how it is scheduled on machines."""
-        return self.model_dump(exclude={"out", "nproc", "save_every", "keep_checkpoints", "device"}, exclude_defaults=True)
+        """What decides the result: everything but where it goes and how it is scheduled on machines.
+        Fields at their defaults are left out, so that a new option does not change earlier runs' identity."""
+        return self.model_dump(exclude={"out", "nproc", "save_every", "keep_checkpoints", "device"},
+                               exclude_defaults=True)
 
 
 def parse_options(values: dict, *, where: str = "lpc train") -> TrainOptions:
