@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -382,7 +381,9 @@ def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[st
                 ids = ids.to(run.device)
                 # Reduce-scatter only after the last micro-batch: the others accumulate locally.
                 model.set_requires_gradient_sync(index == len(batches) - 1)
-                objective = loss = _loss(model, teacher, ids, options, shearing, step, run.rank * len(batches) + index)
+                if shearing:
+                    shearing.sample(step, run.rank * len(batches) + index)
+                objective = loss = _loss(model, teacher, ids, options)
                 if shearing:
                     lagrangian = shearing.lagrangian(step)
                     objective = loss + lagrangian
@@ -448,10 +449,7 @@ def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[st
             dist.destroy_process_group()
 
 
-def _loss(model: nn.Module, teacher: Optional[nn.Module], ids: torch.Tensor, options: TrainOptions,
-          shearing: Optional[Shearing] = None, step: int = 0, micro: int = 0) -> torch.Tensor:
-    if shearing:
-        shearing.sample(step, micro)
+def _loss(model: nn.Module, teacher: Optional[nn.Module], ids: torch.Tensor, options: TrainOptions) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits
     if teacher is None:
         return lm_loss(logits, ids)
