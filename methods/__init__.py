@@ -43,12 +43,13 @@ def make_options(method: Method, values: Dict[str, Any]):
 
 
 def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
-          device: Optional[str] = None, tokenizer: Any = None, **options: Any) -> dict:
+          device: Optional[str] = None, tokenizer: Any = None, state: Any = None, **options: Any) -> dict:
     """Prune `model` in place with method `name`; return the report that goes into prune.json.
 
     Structured methods report, per dense layer, the kept unit indices (`layers[i].heads_kept`,
     `kv_heads_kept`, `mlp_channels_kept`), `hidden_kept`, `layers_removed` and the `scores` they
     ranked; the model's config is re-synced to the pruned shapes (methods/surgery.py).
+    A method whose pruning is a training run (`Method.trains`) folds that run's learned `state`.
     """
     from methods import surgery
 
@@ -61,6 +62,8 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
     model.eval()
     dense_parameters = surgery.count_parameters(model)
     extra = {"tokenizer": tokenizer} if method.needs_tokenizer else {}
+    if method.trains:
+        extra["state"] = state   # what the method's training run learned; the method says when it needs it
     start = time.perf_counter()
     report = method.run(model, None if calib is None else calib.long(), opts, compute, **extra)
     seconds = time.perf_counter() - start

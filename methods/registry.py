@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict
 
 # Names the architecture reserves for methods that later work adds.
-PLANNED = ("sheared",)
+PLANNED: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,9 @@ class Method:
     family: str                  # which pinned image reproduces it (docker/<family>/)
     structured: bool = True      # removes units (then the config is re-synced) rather than zeroing weights
     needs_tokenizer: bool = False  # scores with lm-eval tasks, so prune() gets the tokenizer too
+    # Its pruning is a training run (the engine's train kind of the same name): prune() gets what the
+    # run learned as `state` and folds it; `lpc prune` runs the training first.
+    trains: bool = False
 
     @property
     def options_type(self) -> type:
@@ -45,6 +48,7 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
     Method("minitron-depth", "minitron_depth", needs_calibration=True, family="minitron", needs_tokenizer=True),
     Method("shortgpt", "shortgpt", needs_calibration=True, family="minitron"),
     Method("shortened", "shortened", needs_calibration=True, family="shortened"),
+    Method("sheared", "sheared", needs_calibration=False, family="train", trains=True),
 )}
 
 

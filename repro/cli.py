@@ -141,10 +141,16 @@ def cmd_prune(args) -> int:
     from repro import stages
 
     method = methods.get(args.method)
-    request = stages.PruneRequest(model=args.model, method=args.method, out=args.out,
-                                  options=_method_options(args, method), calib=args.calib,
-                                  nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype,
-                                  revision=args.revision, device=args.device)
+    options = _method_options(args, method)
+    parsed = methods.make_options(method, options)  # validate before any slow loading
+    given = [name for name in args.train_flags if getattr(args, name) is not None]
+    if method.trains and getattr(parsed, "trains", True):
+        return _prune_by_training(args, method, options)
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} is a training setting; method {args.method!r} does not train")
+    request = stages.PruneRequest(model=args.model, method=args.method, out=args.out, options=options,
+                                  calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                  dtype=args.dtype, revision=args.revision, device=args.device)
     stages.prune(request, overwrite=args.overwrite)
     return 0
 
@@ -170,8 +176,57 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# `lpc train` settings that `lpc prune` takes for a method whose pruning is a training run; the
+# others are prune's own flags (--model, --out, --seed, --seqlen, --device) or fixed by the method.
+NOT_PRUNE_TRAIN_FLAGS = ("model", "kind", "out", "teacher", "kd_temperature", "kd_alpha", "recipe", "seed", "seqlen",
+                         "device")
+
+
+def _prune_by_training(args, method, options: dict) -> int:
+    """`lpc prune` for a method whose pruning is a training run: that run (lpc train's kind of the
+    method's name; resumable, on --nproc processes) writes the pruned checkpoint to --out, then
+    prune.json records what it removed."""
+    from repro import stages
+    from repro.provenance import provenance
+    from repro.results import read_json, write_json_atomic
+    from training.options import parse_options
+
+    if args.revision:
+        raise UsageError(f"--revision: method {args.method!r} trains the model as stored; give a local copy "
+                         "of that revision as --model")
+    fields = _train_fields()
+    values = {}
+    for name in args.train_flags:
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value if isinstance(value, bool) else _read_value(value, fields[name])
+    device = args.device or "auto"
+    if device.startswith("cuda"):
+        device = "cuda"  # torchrun's local rank picks the GPU
+    values.update(model=args.model, kind=method.name, out=str(args.out), seed=args.seed, recipe=options,
+                  device=device)
+    if args.seqlen is not None:
+        values["seqlen"] = args.seqlen
+    train_options = parse_options(values, where=f"the {method.name} training run")
+    code = stages.train(train_options, overwrite=args.overwrite)
+    if code:
+        return code
+    manifest = read_json(args.out / stages.TRAIN_MANIFEST)
+    report = manifest["prune"]
+    write_json_atomic(args.out / "prune.json", {
+        **report, "model": args.model, "revision": None, "calibration": None, "seed": args.seed,
+        "training": {"manifest": stages.TRAIN_MANIFEST, "fingerprint": manifest["fingerprint"],
+                     "steps": train_options.steps, "tokens": manifest["log"][-1]["tokens"]},
+        "timings_seconds": manifest["seconds"], **provenance(),
+    })
+    summary = "{pruned:,} of {dense:,} parameters kept".format(**report["parameters"])
+    print(f"pruned {args.model} with {args.method}: {summary} -> {args.out}")
+    return 0
+
+
 def _add_method_flags(prune: argparse.ArgumentParser) -> None:
-    """One flag per option that a registered method declares, its help from the declarations."""
+    """One flag per option that a registered method declares, its help from the declarations; and the
+    training settings of the methods whose pruning is a training run."""
     import methods
     from methods.options import declared
 
@@ -193,7 +248,12 @@ def _add_method_flags(prune: argparse.ArgumentParser) -> None:
         except argparse.ArgumentError:
             continue  # a general flag owns the name (--seed); --option still reaches the method's option
         added.append(name)
-    prune.set_defaults(method_flags=tuple(added))
+    trained = [m.name for m in methods.REGISTRY.values() if m.trains]
+    fields = {name: f for name, f in _train_fields().items() if name not in NOT_PRUNE_TRAIN_FLAGS}
+    add_fields(prune.add_argument_group(
+        "training", f"for methods whose pruning is a training run ({', '.join(trained)}): the settings of that "
+                    "run, as lpc train takes them; --seqlen is its window length"), fields, required=False)
+    prune.set_defaults(method_flags=tuple(added), train_flags=tuple(fields))
 
 
 def _flag_help(declarations) -> str:
@@ -275,17 +335,18 @@ def _train_fields():
     return {name: f for name, f in TrainOptions.model_fields.items() if name != "recipe"}
 
 
-def add_fields(parser: argparse.ArgumentParser, fields) -> None:
+def add_fields(parser: argparse.ArgumentParser, fields, *, required: bool = True) -> None:
     """One flag per declared field (pydantic FieldInfo): --name-with-dashes, its description as the help.
 
-    The text is read as a method option's is (`_read_value`); booleans are flags of their own (--x / --no-x)."""
+    The text is read as a method option's is (`_read_value`); booleans are flags of their own (--x / --no-x).
+    `required=False` leaves even required fields optional for argparse (the model says what is missing)."""
     for name, info in fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = (info.description or "") + ("" if info.is_required() else f" (default: {info.default})")
         if info.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, default=None, required=info.is_required(),
+            parser.add_argument(flag, dest=name, default=None, required=required and info.is_required(),
                                 help=help_text.replace("%", "%%"), metavar=name.upper())
 
 

@@ -408,12 +408,15 @@ _ACCEPTED_TRAIN = ("a token file (.pt/.npy/.bin), a folder of rank_<k>.arrow fil
 
 
 def training_source(spec: str, *, tokenizer=None, seqlen: int, seed: int = 0, shuffle: bool = True,
-                    vocab_size: Optional[int] = None):
+                    vocab_size: Optional[int] = None, dynamic=None):
     """What `lpc train --data SPEC` reads, as a factory `(layout, rank) -> stream` (training/data.py).
 
     Token files and text become random-access windows served in global batches; text is packed as
     [BOS] + document + [EOS] (the tokenizer's own ids; a missing one is left out). A folder of
     `rank_<k>.arrow` files, and `dclm` (downloaded from the hub), are read in the FMS-FSDP way.
+    With `dynamic` (training.data.Dynamic: dynamic batch loading), SPEC is a folder (`smoke`: the
+    shipped text, one chapter file per domain) and each domain is its entry of that name: a token
+    file, a text file (paragraphs as documents) or a folder of text files.
     Everything is validated here, before any training starts.
     """
     from training import data as train_data
@@ -422,6 +425,8 @@ def training_source(spec: str, *, tokenizer=None, seqlen: int, seed: int = 0, sh
     path = Path(os.path.expanduser(spec))
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
+    if dynamic is not None:
+        return _domain_source(spec, dynamic, tokenizer=tokenizer, seqlen=seqlen, seed=seed, vocab_size=vocab_size)
     if spec == "dclm" or (path.is_dir() and any(train_data.ARROW_FILE.match(p.name) for p in path.iterdir())):
         folder = _dclm_folder() if spec == "dclm" else path
         return lambda layout, rank: train_data.ArrowShards(folder, layout, rank=rank, seqlen=seqlen, bos=bos, eos=eos)
@@ -433,6 +438,46 @@ def training_source(spec: str, *, tokenizer=None, seqlen: int, seed: int = 0, sh
     if vocab_size is not None and windows.max_id() >= vocab_size:
         raise UsageError(f"{spec} holds token id {windows.max_id()}, outside the model's vocabulary of {vocab_size}")
     return lambda layout, rank: train_data.GlobalStream(windows, layout, rank=rank, seed=seed, shuffle=shuffle)
+
+
+def _domain_source(spec: str, dynamic, *, tokenizer, seqlen: int, seed: int, vocab_size: Optional[int]):
+    from training import data as train_data
+
+    folder = SMOKE_CALIB_TEXT if spec == "smoke" else Path(os.path.expanduser(spec))
+    train = [_domain_windows(folder, name, tokenizer, seqlen, "--data") for name in dynamic.names]
+    if dynamic.eval_data:
+        held_out = Path(os.path.expanduser(dynamic.eval_data))
+        evaluation = [_domain_windows(held_out, name, tokenizer, seqlen, "--eval-data") for name in dynamic.names]
+    else:
+        train, evaluation = map(list, zip(*(w.split(dynamic.eval_windows) for w in train)))
+    for windows in train + evaluation:
+        if vocab_size is not None and windows.max_id() >= vocab_size:
+            raise UsageError(f"{windows.origin} holds token id {windows.max_id()}, outside the model's vocabulary "
+                             f"of {vocab_size}")
+    return lambda layout, rank: train_data.DomainStream(train, evaluation, layout, rank=rank, seed=seed,
+                                                        dynamic=dynamic)
+
+
+def _domain_windows(folder: Path, name: str, tokenizer, seqlen: int, flag: str):
+    """The domain `name` of a dynamic-loading folder: its entry of that name (any suffix), as windows."""
+    from training import data as train_data
+
+    if not folder.is_dir():
+        raise UsageError(f"dynamic batch loading reads one entry per domain from a folder; {flag} {folder} is not one")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    matches = [p for p in entries if p.name == name or (p.is_file() and p.stem == name)]
+    if len(matches) != 1:
+        known = ", ".join(sorted({p.stem if p.is_file() else p.name for p in entries}))
+        problem = "no entry" if not matches else "more than one entry"
+        raise UsageError(f"unknown domain {name!r}: {flag} {folder} has {problem} named {name} (it has {known})")
+    entry = matches[0]
+    if entry.is_file() and entry.suffix in TRAINING_TOKEN_SUFFIXES:
+        return train_data.Windows.from_file(entry, seqlen)
+    documents = [_encoder(tokenizer, add_special_tokens=False)(text) for text in read_documents(entry)]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return train_data.Windows(train_data.pack_documents(documents, bos=bos, eos=eos, seqlen=seqlen), seqlen,
+                              origin=str(entry))
 
 
 def _training_documents(spec: str, tokenizer) -> List[List[int]]:

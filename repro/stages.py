@@ -305,6 +305,8 @@ def train_identity(options: TrainOptions, *, pruned: Optional[str] = None) -> Tu
     inputs = {"model": model, "data": data_identity(options.data)}
     if options.teacher:
         inputs["teacher"] = checkpoint_identity(options.teacher, checked_path(options.teacher, "--teacher"))
+    if options.eval_data:
+        inputs["eval_data"] = data_identity(options.eval_data)
     return fingerprint({"options": options.fingerprint_fields(), "inputs": inputs}), inputs
 
 
@@ -328,6 +330,10 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
         if teacher_vocab != config.vocab_size:
             raise UsageError(f"the teacher's vocabulary ({teacher_vocab} tokens) is not the student's "
                              f"({config.vocab_size}): logit distillation needs the same tokenizer")
+    if options.kind == "sheared":
+        from methods import sheared
+
+        sheared.target_for(config, options.recipe["target_shape"])  # a target the source can reach, or one line
     world = int(os.environ.get("WORLD_SIZE", options.nproc))
     if options.kind != "lora" and options.global_batch % (options.micro_batch * world):
         raise UsageError(f"global batch {options.global_batch} is not divisible by micro batch "
@@ -343,8 +349,11 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
     tokenizer = tokenizer_for(model_path)
     if options.kind == "lora":
         return _train_lora(options, model_path, tokenizer, inputs, stamp, log)
+    from training.data import Dynamic
+
     factory = data.training_source(options.data, tokenizer=tokenizer, seqlen=options.seqlen, seed=options.seed,
-                                   shuffle=options.shuffle, vocab_size=config.vocab_size)
+                                   shuffle=options.shuffle, vocab_size=config.vocab_size,
+                                   dynamic=Dynamic.from_options(options))
     if options.kind == "sparse":
         zeros = stored_zero_fraction(model_path)
         if zeros < MIN_SPARSE_ZERO_FRACTION:

@@ -72,7 +72,10 @@ def test_wanda_uses_activations_so_its_masks_differ_from_magnitude():
 
 @pytest.mark.parametrize("call,message", [
     (lambda m: methods.prune(m, "nope", None, sparsity_ratio=0.5), "unknown method"),
-    (lambda m: methods.prune(m, "sheared", None), "not implemented"),
+    (lambda m: methods.prune(m, "sheared", None, target_shape={"hidden_size": 16, "num_attention_heads": 2,
+                                                               "num_key_value_heads": 1, "num_hidden_layers": 2,
+                                                               "intermediate_size": 32}),
+     "prunes what its training run learned"),
     (lambda m: methods.prune(m, "wanda", None, sparsity_ratio=0.5), "needs calibration"),
     (lambda m: methods.prune(m, "wanda", torch.zeros(2, 3, 4, dtype=torch.long), sparsity_ratio=0.5), "2-D"),
     (lambda m: methods.prune(m, "wanda", torch.zeros(2, 8), sparsity_ratio=0.5), "integers"),
@@ -100,7 +103,8 @@ def test_non_llama_model_is_refused():
 MINIMAL = {"magnitude": {"sparsity_ratio": 0.5}, "wanda": {"sparsity_ratio": 0.5}, "sparsegpt": {"sparsity_ratio": 0.5},
            "wanda-sp": {"pruning_ratio": 0.2}, "flap": {"pruning_ratio": 0.2}, "llm-pruner": {"pruning_ratio": 0.2},
            "minitron-width": {"hidden_size": 8, "ffn_hidden_size": 8}, "minitron-depth": {"remove_layers": 1},
-           "shortgpt": {"remove_layers": 1}, "shortened": {"criterion": "ppl", "remove_layers": 1}}
+           "shortgpt": {"remove_layers": 1}, "shortened": {"criterion": "ppl", "remove_layers": 1},
+           "sheared": {"target_shape": "1.3b"}}
 
 
 def _declared(name):

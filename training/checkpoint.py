@@ -59,7 +59,9 @@ def check_resumable(out: Path, fingerprint: str) -> Optional[int]:
     return int(meta["step"])
 
 
-def resume(out: Path, model, optimizer, stream, *, fingerprint: str, run) -> Optional[State]:
+def resume(out: Path, model, optimizer, stream, *, fingerprint: str, run, extension=None) -> Optional[State]:
+    """Load the newest complete state into the model, optimizer, data stream and RNGs (and a kind's
+    `extension`, whose state_dict() rides in the rank file: the sheared kind's replicated gates)."""
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -79,10 +81,13 @@ def resume(out: Path, model, optimizer, stream, *, fingerprint: str, run) -> Opt
     extra = torch.load(mine, map_location="cpu", weights_only=False)
     stream.restore(extra["data"])
     _set_rng(extra["rng"])
+    if extension is not None:
+        extension.load_state_dict(extra["extension"])
     return State(int(meta["step"]), list(meta["log"]), path)
 
 
-def save(out: Path, model, optimizer, stream, *, step: int, log: List[dict], fingerprint: str, run) -> Path:
+def save(out: Path, model, optimizer, stream, *, step: int, log: List[dict], fingerprint: str, run,
+         extension=None) -> Path:
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -95,7 +100,10 @@ def save(out: Path, model, optimizer, stream, *, step: int, log: List[dict], fin
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
-    torch.save({"data": stream.state(step), "rng": _get_rng()}, partial / f"rank_{run.rank}.pt")
+    extra = {"data": stream.state(step), "rng": _get_rng()}
+    if extension is not None:
+        extra["extension"] = extension.state_dict()
+    torch.save(extra, partial / f"rank_{run.rank}.pt")
     _test_hook("checkpoint-written")
     dist.barrier()
     if run.main:
@@ -110,8 +118,11 @@ def save(out: Path, model, optimizer, stream, *, step: int, log: List[dict], fin
     return final
 
 
-def export(out: Path, model, tokenizer, *, run) -> None:
-    """The trained weights as a plain Hugging Face checkpoint (safetensors) in OUT, written by rank 0."""
+def export(out: Path, model, tokenizer, *, run, prepare=None) -> None:
+    """The trained weights as a plain Hugging Face checkpoint (safetensors) in OUT, written by rank 0.
+
+    `prepare(model)` changes the gathered full-precision model before it is saved (the sheared kind
+    folds its gates and prunes there)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -124,11 +135,15 @@ def export(out: Path, model, tokenizer, *, run) -> None:
         dtype = _saved_dtype(model.config)
         with torch.device("meta"):
             fresh = AutoModelForCausalLM.from_config(model.config)
-        fresh.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True, strict=False)
+        work = torch.float32 if prepare else dtype
+        fresh.load_state_dict({k: v.to(work) for k, v in full.items()}, assign=True, strict=False)
         fresh.tie_weights()
         missing = [name for name, p in fresh.named_parameters() if p.is_meta]
         if missing:
             raise RuntimeError(f"the gathered state dict lacks {missing[:3]}")
+        if prepare is not None:
+            prepare(fresh)
+            fresh.to(dtype)
         fresh.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

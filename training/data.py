@@ -17,13 +17,23 @@ labels are the inputs (the model shifts them by one). Two kinds of source:
   in order and packs [BOS] + document + [EOS] into a running buffer from which windows are cut, so
   what a rank sees depends on the world size (FMS's own behaviour). Its state (file, record,
   leftover buffer) is per rank and saved with every checkpoint; a resume must use the same world size.
+* `DomainStream`: dynamic batch loading (Sheared LLaMA), over one `Windows` source per domain. Each
+  sample's domain is drawn with the current proportions from one seeded generator that every rank
+  advances alike (so the global batch does not depend on the world size); within a domain, windows
+  are taken in a seeded per-domain permutation, without replacement (a domain that runs out starts
+  another permutation: the original refuses to read a domain twice). Every `interval` steps the
+  engine measures each domain's loss on held-out windows and `update` moves the proportions
+  (`update_proportions`). Proportions, windows used per domain and the generator's state are the
+  stream's state, saved with every checkpoint, so a resumed run draws exactly what an uninterrupted
+  one would.
 """
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +41,9 @@ import torch
 from methods.errors import UsageError
 
 ARROW_FILE = re.compile(r"^rank_(\d+)\.arrow$")
+UPDATE_RULES = ("doremi", "bandit", "constant")
+# Mixed into the updated proportions so that no domain's weight reaches 0 (DoReMi's smoothing).
+SMOOTHING = 1e-4
 # Raw .bin token files are flat little-endian uint32 ids (Llama-3's 128k vocabulary needs > 16 bits).
 BIN_DTYPE = np.dtype("<u4")
 
@@ -74,6 +87,17 @@ class Windows:
         if isinstance(self.data, torch.Tensor):
             return self.data[index].long()
         return torch.from_numpy(np.array(self.data[index], dtype=np.int64))  # a copy out of the memory map
+
+    def split(self, tail: int) -> tuple:
+        """(the first len - tail windows, the last tail windows) as two sources."""
+        keep = self.count - tail
+        if keep < 1 or tail < 1:
+            raise UsageError(f"{self.origin} has {self.count} windows of {self.seqlen} tokens: too few to hold "
+                             f"out {tail} for evaluation and train on the rest")
+        cut = keep * self.seqlen if self.flat else keep
+        end = self.count * self.seqlen if self.flat else self.count
+        return (Windows(self.data[:cut], self.seqlen, origin=self.origin),
+                Windows(self.data[cut:end], self.seqlen, origin=f"{self.origin} (held out)"))
 
     def max_id(self) -> int:
         if isinstance(self.data, torch.Tensor):
@@ -221,6 +245,115 @@ class ArrowShards:
             raise UsageError(f"the checkpoint was written by {state['world']} processes; the FMS data format "
                              f"assigns files per process, so resume it with --nproc {state['world']}")
         self.file_index, self.record, self.buffer = state["file_index"], state["record"], list(state["buffer"])
+
+
+def update_proportions(proportions: Sequence[float], losses: Sequence[float], reference: Sequence[float], *,
+                       rule: str = "doremi", clip: bool = False) -> List[float]:
+    """Dynamic batch loading's new domain proportions from the domains' losses and reference losses.
+
+    `doremi`: softmax(log p + (loss - reference)), then (1 - c) p + c / n with c = 1e-4; `bandit`:
+    the same with p in place of log p; `constant`: p. The excess loss is not clipped at 0 (the
+    original's code; `clip=True` is the paper's max(loss - reference, 0)). As in the original, the
+    arithmetic is float32 (tensors of Python floats), the result float64 renormalised to sum 1.
+    """
+    if rule not in UPDATE_RULES:
+        raise UsageError(f"unknown proportion update rule {rule!r}; known: {', '.join(UPDATE_RULES)}")
+    p = torch.tensor([float(x) for x in proportions])
+    excess = torch.tensor([float(x) for x in losses]) - torch.tensor([float(x) for x in reference])
+    if clip:
+        excess = excess.clamp(min=0)
+    if rule == "constant":
+        weights = p
+    else:
+        weights = torch.softmax((torch.log(p) if rule == "doremi" else p) + excess, dim=0)
+        weights = (1 - SMOOTHING) * weights + SMOOTHING / len(weights)
+    out = weights.numpy().astype(np.float64)
+    return (out / out.sum()).tolist()
+
+
+@dataclass(frozen=True)
+class Dynamic:
+    """Dynamic batch loading's settings (the training options of the same names)."""
+    proportions: Dict[str, float]               # the domains, in order, with their initial proportions
+    reference_loss: Optional[Dict[str, float]]
+    update_interval: int                        # steps between updates; 0: the proportions stay
+    update_rule: str = "doremi"
+    clip_excess: bool = False
+    eval_windows: int = 8                       # per domain
+    eval_data: Optional[str] = None
+
+    @classmethod
+    def from_options(cls, options) -> "Optional[Dynamic]":
+        if not options.domains:
+            return None
+        return cls(dict(options.domains), dict(options.reference_loss) if options.reference_loss else None,
+                   options.update_interval, options.update_rule, options.clip_excess, options.eval_windows,
+                   options.eval_data)
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.proportions)
+
+
+class DomainStream:
+    """Global batches drawn over domains with proportions that training updates (see the module docstring)."""
+
+    def __init__(self, train: Sequence[Windows], evaluation: Sequence[Windows], layout: Layout, *, rank: int,
+                 seed: int, dynamic: Dynamic):
+        self.train, self.evaluation = list(train), list(evaluation)
+        self.layout, self.rank, self.seed, self.dynamic = layout, rank, seed, dynamic
+        self.names = dynamic.names
+        total = sum(dynamic.proportions.values())
+        self.proportions = [v / total for v in dynamic.proportions.values()]
+        self.rng = np.random.default_rng(seed)
+        self.used = [0] * len(self.names)
+        self.next_step = 0
+        self._orders: Dict[int, tuple] = {}     # domain -> (epoch, its permutation)
+
+    def _order(self, domain: int, epoch: int) -> torch.Tensor:
+        cached = self._orders.get(domain)
+        if cached is None or cached[0] != epoch:
+            seed = int(np.random.SeedSequence([self.seed, domain, epoch]).generate_state(1)[0])
+            order = torch.randperm(len(self.train[domain]), generator=torch.Generator().manual_seed(seed))
+            cached = self._orders[domain] = (epoch, order)
+        return cached[1]
+
+    def micro_batches(self, step: int) -> List[torch.LongTensor]:
+        """This rank's micro-batches of step `step`; steps must come in order (the stream has a state)."""
+        if step != self.next_step:
+            raise RuntimeError(f"dynamic batch loading serves steps in order: asked for {step}, next is {self.next_step}")
+        layout = self.layout
+        domains = self.rng.choice(len(self.names), size=layout.global_batch, p=self.proportions)
+        picks = []
+        for d in domains.tolist():
+            epoch, position = divmod(self.used[d], len(self.train[d]))
+            picks.append((d, int(self._order(d, epoch)[position])))
+            self.used[d] += 1
+        self.next_step += 1
+        out = []
+        for k in range(layout.accumulation):
+            first = (self.rank * layout.accumulation + k) * layout.micro_batch
+            out.append(torch.stack([self.train[d][i] for d, i in picks[first:first + layout.micro_batch]]))
+        return out
+
+    def update(self, losses: Sequence[float]) -> List[float]:
+        """New proportions from the domains' held-out losses (in the order of `names`)."""
+        dyn = self.dynamic
+        reference = [dyn.reference_loss[n] for n in self.names] if dyn.reference_loss else list(losses)
+        self.proportions = update_proportions(self.proportions, losses, reference, rule=dyn.update_rule,
+                                              clip=dyn.clip_excess)
+        return self.proportions
+
+    def state(self, step: int) -> dict:
+        return {"kind": "domains", "names": self.names, "proportions": list(self.proportions), "used": list(self.used),
+                "rng": self.rng.bit_generator.state, "next_step": step}
+
+    def restore(self, state: dict) -> None:
+        if state.get("kind") != "domains" or state.get("names") != self.names:
+            raise UsageError("the checkpoint's data state belongs to another data source or other domains")
+        self.proportions, self.used = list(state["proportions"]), list(state["used"])
+        self.rng.bit_generator.state = state["rng"]
+        self.next_step = state["next_step"]
 
 
 def read_arrow(path: Path):

@@ -1,5 +1,6 @@
-"""Continued pre-training (`cpt`), logit distillation (`kd`) and sparse retraining (`sparse`) of a
-Hugging Face causal LM with PyTorch FSDP2, one process per device (torchrun), as `lpc train` runs it.
+"""Continued pre-training (`cpt`), logit distillation (`kd`), sparse retraining (`sparse`) and Sheared
+LLaMA's pruning run (`sheared`) of a Hugging Face causal LM with PyTorch FSDP2, one process per
+device (torchrun), as `lpc train` runs it.
 
 The whole run, top to bottom, is `train()`:
 
@@ -15,6 +16,20 @@ The whole run, top to bottom, is `train()`:
    step, a check that every zero is still zero; a checkpoint every `save_every` steps and at the end;
 8. export: the full state dict gathered on rank 0 and saved as a plain Hugging Face checkpoint.
 
+Dynamic batch loading (training/data.py `DomainStream`, any kind): after every `update_interval`-th
+step, each domain's mean token loss on its held-out windows (every rank a strided share, summed over
+ranks) updates the proportions the next steps draw with; losses and proportions go into the log.
+
+`sheared` (`Shearing`): the hard-concrete gates and Lagrange multipliers of methods/sheared.py,
+replicated on every rank beside the sharded model, multiplied into it by forward hooks. Each
+micro-batch draws its gates from a generator seeded by (seed, step, micro-batch of the global
+batch), so the draws do not depend on the world size; the loss adds the Lagrangian at the step's
+target; the gates' gradients are averaged over ranks like the weights', clipped together with them,
+and stepped by their own AdamW (log-alphas at `mask_lr`, multipliers by gradient ascent at the same
+rate, no weight decay) whose learning rates follow the weights' schedule. Gates and their optimizer
+are part of every checkpoint; the export folds the deterministic gates into the weights and removes
+the zeroed units, so the output is the pruned model.
+
 Gradient accumulation steps after exactly `global_batch / (micro_batch * world)` micro-batches.
 (The collection's FMS-FSDP loop steps after its first micro-batch, one too early, and its resume
 offsets assume a multiple of the accumulation; this engine has neither quirk.) Sparse masking
@@ -23,6 +38,7 @@ so the clipped norm still counts the zeros' gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -31,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -45,12 +62,21 @@ SPARSE_PARAMETER_SUFFIXES = ("_proj.weight",)
 
 
 def lr_at(step: int, options: TrainOptions) -> float:
-    """The collection's schedule (FMS-FSDP and its MaxText patch) for 0-based optimizer step `step`:
-    min(quadratic warm-up, cosine from step 0 to lr * final_fraction), W = min(cap, steps * fraction)."""
+    """The learning rate of 0-based optimizer step `step`, W = min(cap, steps * fraction) warm-up steps.
+
+    `fms` (the collection's FMS-FSDP and its MaxText patch): min(quadratic warm-up, cosine from step 0
+    to lr * final_fraction). `composer` (Composer's cosine with warm-up): linear from 0 over W steps,
+    then cosine from lr to lr * final_fraction over the remaining steps.
+    """
     peak, total = options.lr, options.steps
     warmup = min(options.warmup_cap, int(total * options.warmup_fraction))
-    warm = 1.0 if warmup == 0 else 1.0 - (1.0 - min(step, warmup) / warmup) ** 2
     final = options.final_lr_fraction
+    if options.schedule == "composer":
+        if step < warmup:
+            return peak * step / warmup
+        progress = min(step - warmup, total - warmup) / max(1, total - warmup)
+        return peak * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    warm = 1.0 if warmup == 0 else 1.0 - (1.0 - min(step, warmup) / warmup) ** 2
     cosine = final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     return peak * min(warm, cosine)
 
@@ -174,6 +200,112 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+class Shearing:
+    """The `sheared` kind's part of a run: gates beside the model, their optimizer, the Lagrangian."""
+
+    def __init__(self, model: nn.Module, options: TrainOptions, run: Run):
+        import methods
+        from methods import sheared
+
+        self.options = methods.make_options(methods.get("sheared"), options.recipe)
+        self.seed, self.run = options.seed, run
+        self.gates = sheared.Gates.for_model(model, self.options, steps=options.steps, seed=options.seed).to(run.device)
+        self.masking = sheared.Masking(model, mask_embedding=self.options.mask_embedding)
+        scale = self.options.mask_lr / options.lr
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(self.gates.log_alpha.values()), "lr_scale": scale},
+             {"params": list(self.gates.lambdas.values()), "lr_scale": scale, "maximize": True}],
+            lr=self.options.mask_lr, betas=(options.beta1, options.beta2), eps=options.eps, weight_decay=0.0)
+        self.folded: Optional[dict] = None
+
+    def parameters(self) -> List[nn.Parameter]:
+        return list(self.gates.parameters())
+
+    def sample(self, step: int, micro: int) -> None:
+        """Gates for one micro-batch, from its own generator: (seed, step, index in the global batch)."""
+        seed = int(np.random.SeedSequence([self.seed, step, micro]).generate_state(1)[0])
+        self.masking.zs = self.gates.sample(generator=torch.Generator().manual_seed(seed))
+
+    def lagrangian(self, step: int) -> torch.Tensor:
+        return self.gates.lagrangian(step)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Deterministic gates (current expected size, or the target's) for an evaluation."""
+        with self.masking.using(self.gates.deterministic(target=self.options.eval_target_model)):
+            yield
+
+    def average_gradients(self) -> None:
+        if self.run.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.run.world
+        offset = 0
+        for p, g in zip(self.parameters(), grads):
+            p.grad = flat[offset:offset + g.numel()].reshape(g.shape).clone()
+            offset += g.numel()
+
+    def state_dict(self) -> dict:
+        return {"gates": {k: v.detach().cpu() for k, v in self.gates.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gates.load_state_dict(state["gates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def record(self, step: int) -> dict:
+        """After optimizer step `step` (0-based): the expected sparsities reached, the ramp's target that
+        step used, the multipliers."""
+        summary = self.gates.summary(step)
+        return {key: summary[key] for key in ("expected_sparsity", "target_sparsity", "expected_parameters", "lambdas")}
+
+    def fold(self, model: nn.Module) -> None:
+        """At the export: the deterministic gates at the target folded in, the zeroed units removed."""
+        import dataclasses
+
+        import methods
+
+        self.masking.remove()
+        self.folded = methods.prune(model, "sheared", state=self.gates.cpu(), device="cpu",
+                                    **dataclasses.asdict(self.options))
+
+
+def clip_together(parameter_sets: List[List[nn.Parameter]], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of sharded and replicated parameters by their joint norm (clip_grad_norm_
+    does not mix DTensors with plain tensors); returns the norm before clipping."""
+    norms = [_full(torch.nn.utils.clip_grad_norm_(params, float("inf"))) for params in parameter_sets]
+    total = torch.sqrt(sum(n.double() ** 2 for n in norms))
+    coefficient = max_norm / (float(total) + 1e-6)
+    if coefficient < 1:
+        for params in parameter_sets:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coefficient)
+    return total
+
+
+def domain_losses(model: nn.Module, stream, run: Run, micro_batch: int, shearing: Optional[Shearing]) -> List[float]:
+    """Each domain's mean token loss on its held-out windows; every rank runs the same number of forward
+    passes (FSDP gathers parameters in each), a rank short of windows repeating one with weight 0."""
+    sums = torch.zeros(len(stream.evaluation), 2, dtype=torch.float64, device=run.device)
+    with torch.no_grad(), (shearing.evaluating() if shearing else contextlib.nullcontext()):
+        for d, windows in enumerate(stream.evaluation):
+            mine = list(range(run.rank, len(windows), run.world))
+            passes = math.ceil(math.ceil(len(windows) / run.world) / micro_batch)
+            for k in range(passes):
+                chunk = mine[k * micro_batch:(k + 1) * micro_batch]
+                ids = torch.stack([windows[i] for i in chunk or [0]]).to(run.device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+                if chunk:
+                    sums[d, 0] += loss.double()
+                    sums[d, 1] += ids[:, 1:].numel()
+    dist.all_reduce(sums)
+    return (sums[:, 0] / sums[:, 1]).tolist()
+
+
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over every position, logits in fp32."""
     logits = logits[:, :-1].float()
@@ -211,6 +343,7 @@ def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[st
 
         started = time.perf_counter()
         model = load_causal_lm(student_path)
+        shearing = Shearing(model, options, run) if options.kind == "sheared" else None
         masks_zero_fraction = zero_fraction(model) if options.kind == "sparse" else None
         teacher = None
         if options.kind == "kd":
@@ -223,9 +356,12 @@ def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[st
         masks = SparsityMasks(model, run.device) if options.kind == "sparse" else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(options.beta1, options.beta2),
                                       eps=options.eps, weight_decay=options.weight_decay)
+        optimizers = [optimizer] + ([shearing.optimizer] if shearing else [])
+        interval = stream.dynamic.update_interval if hasattr(stream, "dynamic") else 0
         load_seconds = time.perf_counter() - started
 
-        state = checkpoint.resume(Path(options.out), model, optimizer, stream, fingerprint=fingerprint, run=run)
+        state = checkpoint.resume(Path(options.out), model, optimizer, stream, fingerprint=fingerprint, run=run,
+                                  extension=shearing)
         first = state.step if state else 0
         history: List[dict] = list(state.log) if state else []
         tokens = history[-1]["tokens"] if history else 0
@@ -237,22 +373,32 @@ def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[st
         loop_start = time.perf_counter()
         for step in range(first, options.steps):
             lr = lr_at(step, options)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group in (g for o in optimizers for g in o.param_groups):
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             batches = stream.micro_batches(step)
             total = torch.zeros((), dtype=torch.float64, device=run.device)
             for index, ids in enumerate(batches):
                 ids = ids.to(run.device)
                 # Reduce-scatter only after the last micro-batch: the others accumulate locally.
                 model.set_requires_gradient_sync(index == len(batches) - 1)
-                loss = _loss(model, teacher, ids, options)
-                (loss / len(batches)).backward()
+                if shearing:
+                    shearing.sample(step, run.rank * len(batches) + index)
+                objective = loss = _loss(model, teacher, ids, options)
+                if shearing:
+                    lagrangian = shearing.lagrangian(step)
+                    objective = loss + lagrangian
+                (objective / len(batches)).backward()
                 total += loss.detach().double()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            if shearing:
+                shearing.average_gradients()
+                grad_norm = clip_together([list(model.parameters()), shearing.parameters()], options.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             if masks:
                 masks.mask_gradients()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for each in optimizers:
+                each.step()
+                each.zero_grad(set_to_none=True)
             if masks:
                 masks.mask_optimizer_state(optimizer)
                 masks.check(step + 1)
@@ -261,17 +407,24 @@ def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[st
             tokens += options.global_batch * options.seqlen
             record = {"step": step + 1, "loss": float(mean) / run.world, "lr": lr, "tokens": tokens,
                       "grad_norm": float(_full(grad_norm))}
+            if shearing:
+                record["lagrangian"] = float(lagrangian.detach())
+                record.update(shearing.record(step))
+            if interval and (step + 1) % interval == 0 and step + 1 < options.steps:
+                losses = domain_losses(model, stream, run, options.micro_batch, shearing)
+                record["domain_losses"] = dict(zip(stream.names, losses))
+                record["proportions"] = dict(zip(stream.names, stream.update(losses)))
             history.append(record)
             if run.main:
                 log(f"step {record['step']}/{options.steps} loss {record['loss']:.6f} lr {lr:.3e} "
                     f"grad_norm {record['grad_norm']:.4f}")
             if step + 1 == options.steps or (options.save_every and (step + 1) % options.save_every == 0):
                 checkpoint.save(Path(options.out), model, optimizer, stream, step=step + 1, log=history,
-                                fingerprint=fingerprint, run=run)
+                                fingerprint=fingerprint, run=run, extension=shearing)
         loop_seconds = time.perf_counter() - loop_start
 
         export_start = time.perf_counter()
-        checkpoint.export(Path(options.out), model, tokenizer, run=run)
+        checkpoint.export(Path(options.out), model, tokenizer, run=run, prepare=shearing.fold if shearing else None)
         export_seconds = time.perf_counter() - export_start
         if not run.main:
             return None
@@ -287,6 +440,8 @@ def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[st
             "peak_memory_mib": _peak_memory(run.device),
             "sparsity": None if masks is None else {"zeros_kept": masks.zeros, "zero_fraction": masks_zero_fraction,
                                                     "checked_every_step": True},
+            **({"prune": shearing.folded} if shearing else {}),
+            **({"proportions": dict(zip(stream.names, stream.proportions))} if hasattr(stream, "dynamic") else {}),
             "seconds": {"load": load_seconds, "train": loop_seconds, "export": export_seconds},
         }
     finally:

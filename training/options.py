@@ -3,6 +3,11 @@
 Defaults are the collection's continued pre-training settings (FMS-FSDP and MaxText): AdamW with
 betas (0.9, 0.95), eps 1e-8, weight decay 0.1, gradient norm clipped at 1.0, warm-up over 5% of the
 steps capped at 2000, cosine down to 10% of the peak learning rate.
+
+Dynamic batch loading (any kind but lora; training/data.py `DomainStream`): `--domains` names the
+domains, entries of the --data folder, with their initial proportions; every `--update-interval`
+steps each domain's loss on held-out windows moves the proportions toward the domains furthest
+above their `--reference-loss`.
 """
 from __future__ import annotations
 
@@ -13,16 +18,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from methods.errors import UsageError
 from methods.options import one_line
 
-KINDS = ("cpt", "kd", "sparse", "lora")
+KINDS = ("cpt", "kd", "sparse", "lora", "sheared")
+# Kinds whose own settings come as --option KEY=VALUE: LoRA's recipe fields, Sheared LLaMA's method options.
+KINDS_WITH_SETTINGS = ("lora", "sheared")
+# How far from 1 a sum of proportions may be (published proportions are rounded to 4 decimals).
+PROPORTION_TOLERANCE = 1e-6
 
 
 class TrainOptions(BaseModel):
     model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
 
     model: str = Field(description="the checkpoint to train: a directory, a hub id, or 'smoke'")
-    kind: Literal["cpt", "kd", "sparse", "lora"] = Field(
+    kind: Literal["cpt", "kd", "sparse", "lora", "sheared"] = Field(
         description="cpt: next-token cross-entropy; kd: distillation from --teacher; "
-                    "sparse: cross-entropy keeping the pruned zeros at zero; lora: LoRA recovery")
+                    "sparse: cross-entropy keeping the pruned zeros at zero; lora: LoRA recovery; "
+                    "sheared: learn Sheared LLaMA's gates toward --option target_shape=..., then prune "
+                    "(the output is the pruned model)")
     data: str = Field(description="token file, local text, 'smoke', an FMS arrow folder, or a hub name")
     steps: Optional[int] = Field(None, ge=1, description="optimizer steps (lora: default, the recipe's epochs)")
     global_batch: int = Field(ge=1, description="sequences per optimizer step, over all processes")
@@ -36,6 +47,10 @@ class TrainOptions(BaseModel):
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="warm-up steps as a fraction of --steps")
     warmup_cap: int = Field(2000, ge=0, description="at most this many warm-up steps")
     final_lr_fraction: float = Field(0.1, ge=0, le=1, description="the cosine ends at lr times this")
+    schedule: Literal["fms", "composer"] = Field(
+        "fms", description="fms: min(quadratic warm-up, cosine from step 0) (the collection's FMS-FSDP and "
+                           "MaxText); composer: linear warm-up, then cosine over the remaining steps "
+                           "(Composer's, which the Sheared LLaMA runs used)")
     seed: int = Field(0, description="model-side randomness and the data order")
     shuffle: bool = Field(True, description="a seeded permutation of the windows per epoch")
     nproc: int = Field(1, ge=1, description="processes on this machine (torchrun)")
@@ -48,15 +63,38 @@ class TrainOptions(BaseModel):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    domains: Optional[Dict[str, float]] = Field(
+        None, description="dynamic batch loading: domain -> initial proportion; each domain is the entry "
+                          "of that name in the --data folder (a file, or a folder of text files)")
+    reference_loss: Optional[Dict[str, float]] = Field(
+        None, description="dynamic batch loading: domain -> the loss it should reach")
+    update_interval: int = Field(0, ge=0, description="dynamic batch loading: steps between proportion "
+                                                      "updates (0: the proportions never change)")
+    update_rule: Literal["doremi", "bandit", "constant"] = Field(
+        "doremi", description="dynamic batch loading: how losses move the proportions")
+    clip_excess: bool = Field(False, description="dynamic batch loading: a loss below its reference counts as "
+                                                 "no excess (the paper's rule; the original's code does not clip)")
+    eval_windows: int = Field(8, ge=1, description="dynamic batch loading: held-out windows per domain whose "
+                                                   "loss updates the proportions")
+    eval_data: Optional[str] = Field(None, description="dynamic batch loading: a folder with the same domain "
+                                                       "entries to measure the losses on (default: the last "
+                                                       "--eval-windows windows of each domain are held out)")
     recipe: Dict[str, Any] = Field(default_factory=dict,
-                                   description="lora: the LoRA recipe's other fields (r, alpha, precision, ...)")
+                                   description="lora: the LoRA recipe's other fields (r, alpha, precision, ...); "
+                                               "sheared: the method's options (target_shape, ...)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainOptions":
         if self.kind != "lora" and self.steps is None:
             raise ValueError(f"kind {self.kind} needs --steps")
-        if self.kind != "lora" and self.recipe:
-            raise ValueError(f"--option settings are LoRA recipe fields; kind {self.kind} takes none")
+        if self.kind not in KINDS_WITH_SETTINGS and self.recipe:
+            raise ValueError(f"--option settings are LoRA recipe fields or Sheared LLaMA options; "
+                             f"kind {self.kind} takes none")
+        if self.kind == "sheared":
+            import methods
+
+            methods.make_options(methods.get("sheared"), self.recipe)  # raises one UsageError line
+        self._check_domains()
         if self.kind == "kd" and not self.teacher:
             raise ValueError("kind kd needs --teacher")
         if self.kind != "kd" and self.teacher:
@@ -65,14 +103,47 @@ class TrainOptions(BaseModel):
             raise ValueError(f"global batch {self.global_batch} is not divisible by micro batch {self.micro_batch}")
         return self
 
+    def _check_domains(self) -> None:
+        dynamic = ("reference_loss", "eval_data") if self.domains is None else ()
+        given = [name for name in dynamic if getattr(self, name) is not None]
+        if self.domains is None and self.update_interval:
+            given.append("update_interval")
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is a dynamic batch loading setting; it needs --domains")
+        if self.domains is None:
+            return
+        if self.kind == "lora":
+            raise ValueError("kind lora trains on instruction data; dynamic batch loading (--domains) needs "
+                             "another kind")
+        if not self.domains:
+            raise ValueError("--domains must name at least one domain")
+        negative = [name for name, p in self.domains.items() if p < 0]
+        if negative:
+            raise ValueError(f"--domains: proportion of {negative[0]} is negative ({self.domains[negative[0]]})")
+        total = sum(self.domains.values())
+        if abs(total - 1) > PROPORTION_TOLERANCE:
+            raise ValueError(f"--domains: the proportions sum to {total:.6g}, not 1")
+        if self.reference_loss is not None:
+            unknown = [name for name in self.reference_loss if name not in self.domains]
+            missing = [name for name in self.domains if name not in self.reference_loss]
+            if unknown:
+                raise ValueError(f"--reference-loss names unknown domain {unknown[0]!r} (the domains: "
+                                 f"{', '.join(self.domains)})")
+            if missing:
+                raise ValueError(f"--reference-loss lacks domain {missing[0]!r}")
+        elif self.update_interval and self.update_rule != "constant":
+            raise ValueError(f"--update-interval with rule {self.update_rule} needs --reference-loss per domain")
+
     def fingerprint_fields(self) -> dict:
-        """What decides the result: everything but where it goes and how it is scheduled on machines."""
-        return self.model_dump(exclude={"out", "nproc", "save_every", "keep_checkpoints", "device"})
+        """What decides the result: everything but where it goes and how it is scheduled on machines.
+        Fields at their defaults are left out, so that a new option does not change earlier runs' identity."""
+        return self.model_dump(exclude={"out", "nproc", "save_every", "keep_checkpoints", "device"},
+                               exclude_defaults=True)
 
 
-def parse_options(values: dict) -> TrainOptions:
+def parse_options(values: dict, *, where: str = "lpc train") -> TrainOptions:
     """TrainOptions from a dict, or one UsageError line naming the first bad field."""
     try:
         return TrainOptions(**values)
     except ValidationError as exc:
-        raise UsageError(f"lpc train: {one_line(exc, TrainOptions.model_fields)}") from None
+        raise UsageError(f"{where}: {one_line(exc, TrainOptions.model_fields)}") from None
