@@ -9,6 +9,11 @@ VENV ?= .venv
 VENV443 ?= .venv-tf443
 # SkyPilot pins click < 8.2 and huggingface-hub needs >= 8.4: jobman gets its own venv.
 VENVJOB ?= .venv-jobman
+# MaxText 0.2.5 needs Python >= 3.12: the TPU path's tests (conversion, logits, CPU training, eval) get their own venv.
+VENVMT ?= .venv-maxtext
+# The first Python 3.12 that runs: python3.12 on PATH, else pyenv's (whose shim fails when 3.12 is not selected).
+PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+               $(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)))
 TORCH_PIN ?= torch==2.13.0
 PROFILE ?= smoke
 RESULTS ?= results/local
@@ -19,7 +24,7 @@ export LPC_CACHE
 # docker when an engine and the method's image are present, else the local venv.
 RUNTIME ?= auto
 
-.PHONY: help setup test test-tf443 test-jobman test-all test-container smoke bench report diff-committed clean
+.PHONY: help setup test test-tf443 test-jobman test-maxtext test-all test-container smoke bench report diff-committed clean
 
 help:
 	@echo "make repro-<method> PROFILE=smoke|paper [RUNTIME=local|docker]   methods: $(METHODS)"
@@ -48,15 +53,22 @@ $(VENVJOB)/.stamp: requirements/jobman.txt pyproject.toml
 	$(VENVJOB)/bin/pip install -q --no-deps -e .
 	touch $@
 
+$(VENVMT)/.stamp: requirements/maxtext.txt pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "make: the MaxText venv needs python3.12 (set PYTHON312=...)"; exit 2; }
+	$(PYTHON312) -m venv $(VENVMT)
+	$(VENVMT)/bin/pip install -q -r requirements/maxtext.txt
+	$(VENVMT)/bin/pip install -q --no-deps -e .
+	touch $@
+
 $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json: $(VENV)/.stamp
 	$(VENV)/bin/python -m repro.smoke_model
 
-setup: $(VENV)/.stamp $(VENV443)/.stamp $(VENVJOB)/.stamp $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
+setup: $(VENV)/.stamp $(VENV443)/.stamp $(VENVJOB)/.stamp $(VENVMT)/.stamp $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
 
 # ---- tests ----------------------------------------------------------------------------------
 test: setup
 	$(VENV)/bin/python -m pytest -q --ignore=tests/jobman
-	$(MAKE) --no-print-directory test-tf443 test-jobman
+	$(MAKE) --no-print-directory test-tf443 test-jobman test-maxtext
 
 test-jobman: $(VENVJOB)/.stamp
 	$(VENVJOB)/bin/python -m pytest -q tests/jobman
@@ -70,9 +82,15 @@ TF443_TESTS := tests/test_golden_sparse.py tests/test_methods_models.py tests/te
 test-tf443: $(VENV443)/.stamp
 	$(VENV443)/bin/python -m pytest -q $(TF443_TESTS)
 
+# The TPU path on CPU (JAX's CPU build): conversion both ways, the logits test, CPU training, the
+# MaxText lm-eval backend. In the main venv these files skip (no maxtext there).
+MAXTEXT_TESTS := $(wildcard tests/test_maxtext*.py)
+test-maxtext: $(VENVMT)/.stamp $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
+	$(VENVMT)/bin/python -m pytest -q $(MAXTEXT_TESTS)
+
 test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "not container" --ignore=tests/jobman
-	$(MAKE) --no-print-directory test-tf443 test-jobman
+	$(MAKE) --no-print-directory test-tf443 test-jobman test-maxtext
 
 test-container: setup
 	$(VENV)/bin/python -m pytest -q -m container --ignore=tests/jobman
@@ -113,4 +131,4 @@ bench: setup
 	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json
 
 clean:
-	rm -rf $(VENV) $(VENV443) $(VENVJOB) build *.egg-info
+	rm -rf $(VENV) $(VENV443) $(VENVJOB) $(VENVMT) build *.egg-info
