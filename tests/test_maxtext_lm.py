@@ -54,8 +54,8 @@ def test_loglikelihoods_match_hflm(pair):
     got = ours.loglikelihood(_requests("loglikelihood"))
     for (ref_lp, ref_greedy), (lp, greedy) in zip(expected, got):
         assert abs(lp - ref_lp) <= 1e-3 and greedy == ref_greedy
-    # 8 requests, batch 4, lengths < 16: one bucket, one compiled shape
-    assert ours.compiled_shapes == {(4, 16)}
+    # 8 requests, batch 4: two batches, each padded to its own bucket (16 and 32 tokens)
+    assert ours.compiled_shapes == {(4, 16), (4, 32)}
 
 
 def test_rolling_perplexity_matches_hflm(pair):
