@@ -79,6 +79,21 @@ def data_files(spec: str, folder: Path, seqlen: int) -> str:
     return str(write_array_record(tokens[:, :seqlen], folder / f"train{ARRAY_RECORD_SUFFIX}"))
 
 
+def epochs_needed(files: str, steps: int, global_batch: int) -> int:
+    """Passes over a local ArrayRecord file that `steps` batches need (MaxText stops when data runs out)."""
+    path = Path(files)
+    if not path.is_file():
+        return 1  # a glob or a bucket: the collection's data is far larger than a run
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(path))
+    try:
+        windows = reader.num_records()
+    finally:
+        reader.close()
+    return max(1, -(-steps * global_batch // max(windows, 1)))
+
+
 def run_overrides(options, *, files: str, devices: int, hardware: str, base_output: Path) -> Dict[str, Any]:
     keys = mtconfig.training_overrides(
         steps=options.steps, global_batch=options.global_batch, micro_batch=options.micro_batch,
@@ -96,6 +111,7 @@ def run_overrides(options, *, files: str, devices: int, hardware: str, base_outp
         "tokenize_train_data": False,
         "packing": False,
         "enable_data_shuffling": options.shuffle,
+        "num_epoch": epochs_needed(files, options.steps, options.global_batch),
         "metrics_file": str(base_output / RUN_NAME / "metrics.jsonl"),
         "enable_tensorboard": False,
         "weight_dtype": "float32",
