@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lora: a field of the LoRA recipe (YAML value), e.g. --option r=8")
     train.add_argument("--overwrite", action="store_true", help="discard whatever --out holds and start afresh")
 
+    convert = sub.add_parser("convert", help="convert a checkpoint between Hugging Face and MaxText (TPU training)",
+                             description="Runs MaxText's own conversion (needs the MaxText environment: "
+                                         ".venv-maxtext or the maxtext image). Uniform Llama checkpoints only.")
+    convert.add_argument("--to", required=True, choices=("maxtext", "hf"), help="the format to write")
+    convert.add_argument("--model", required=True,
+                         help="--to maxtext: a Hugging Face checkpoint directory or 'smoke'; "
+                              "--to hf: a MaxText directory written by lpc convert or lpc train --engine maxtext")
+    convert.add_argument("--out", required=True, type=Path)
+    convert.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+                         help="--to maxtext: store layers unstacked (MaxText's scan_layers=false)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     diff = sub.add_parser("diff", help="print paper | collection | ours | delta | tolerance | status")
     diff.add_argument("method", nargs="?", help="a method, or omit with --all")
     diff.add_argument("--all", action="store_true", help="every method and profile that has results")
@@ -127,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             quiet_transformers()
         return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff, "train": cmd_train,
-                "eval": cmd_eval}[args.command](args)
+                "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
     except UsageError as exc:
         print(f"lpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -373,6 +385,32 @@ def _key_values(items: List[str]) -> List[tuple]:
             raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
         pairs.append((key.replace("-", "_"), value))
     return pairs
+
+
+def cmd_convert(args) -> int:
+    from training.maxtext import config as mtconfig
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
+    model = Path(args.model)
+    if args.to == "maxtext":
+        if args.model == "smoke":
+            from repro.models import resolve
+
+            model = Path(resolve("smoke"))
+        if not model.is_dir():
+            raise UsageError(f"model directory not found: {args.model}")
+        mtconfig.model_overrides(mtconfig.read_hf_config(model))  # refuse before MaxText is imported
+    from training.maxtext import convert
+
+    if args.to == "maxtext":
+        convert.to_maxtext(model, args.out, scan_layers=args.scan_layers)
+    else:
+        if not model.is_dir():
+            raise UsageError(f"MaxText checkpoint directory not found: {args.model}")
+        convert.to_hf(model, args.out)
+    print(f"converted {args.model} -> {args.out} ({'MaxText' if args.to == 'maxtext' else 'Hugging Face'})")
+    return 0
 
 
 def cmd_repro(args) -> int:
