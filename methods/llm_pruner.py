@@ -44,7 +44,7 @@ MLP (the order the original's pruner visits its groups); the caller's seeding de
 `--test_before_train` generation samples before pruning and so changes the draw.
 
 Where the original fails, this refuses with a UsageError instead: a ratio that removes fewer
-channels than one head (the original's torch.cat of an empty list, golden README 4.5), and a
+channels than one head (the original stops with torch.cat of an empty list), and a
 ratio that would remove every unit of a group (the original silently leaves such a group
 unpruned). Two extensions: element2 / param_mix also work in channel mode (the original's channel
 branch never runs the per-sample passes and stops on the missing `acc_grad`), and l1 / l2 in channel

@@ -1,4 +1,4 @@
-"""Golden equivalence with the original FLAP repository (CASIA-IVA-Lab/FLAP @ 3bb57db, golden README 4.4).
+"""Golden equivalence with the original FLAP repository (CASIA-IVA-Lab/FLAP @ 3bb57db).
 
 Every run of the FLAP-repo manifests is replayed: FLAP (WIFV, AL-AM, bias compensation, both head
 weight variants), its Wanda-sp and its mag-sp, with the manifest's ratio and calibration rows. They
@@ -6,7 +6,7 @@ must keep exactly the original's heads and MLP channels, add the same biases, ga
 statistics and standardised scores (1e-5 relative) and reach the same perplexity (1e-3 relative).
 
 The original's `unstr` runs only mask instead of slicing; masks, biases and perplexity are the same
-either way (golden README 4.4), so they are replayed with real pruning and held to the same values.
+either way, so they are replayed with real pruning and held to the same values.
 """
 from __future__ import annotations
 

@@ -10,9 +10,10 @@ vendored (MHA-only) Llama cannot load is no failure of the method, and is skippe
 
 Random importance: the original draws `torch.rand(channels)` per group from the global generator,
 in layer order, attention before MLP, after `set_random_seed(seed)` and nothing else that draws
-(the manifests' runs have `test_before_train` off, P14). Seeding torch with the run's seed right
-before pruning therefore reproduces the draw, and the kept sets are asserted exactly; for a run that
-generated text first, only the counts are guaranteed and only they are checked.
+(the manifests' runs have `test_before_train` off; its sampled generation would consume the
+generator first). Seeding torch with the run's seed right before pruning therefore reproduces the
+draw, and the kept sets are asserted exactly; for a run that generated text first, only the counts
+are guaranteed and only they are checked.
 """
 from __future__ import annotations
 

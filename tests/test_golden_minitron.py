@@ -1,4 +1,4 @@
-"""Golden equivalence with the LLM Pruning Collection's `pruning/minitron` (golden README 4.3).
+"""Golden equivalence with the LLM Pruning Collection's `pruning/minitron`.
 
 Every run of every minitron_collection manifest is replayed (driven by the manifests, so held-out
 models such as the GQA fixture replay the same way): `bi` runs through ShortGPT's collection

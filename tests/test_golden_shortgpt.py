@@ -1,5 +1,5 @@
-"""Golden equivalence with sramshetty/ShortGPT (hf-models branch), the unofficial implementation
-(golden README 4.2): ShortGPT's `variant="unofficial"`, one forward per calib.pt row.
+"""Golden equivalence with sramshetty/ShortGPT (hf-models branch), the unofficial implementation:
+ShortGPT's `variant="unofficial"`, one forward per calib.pt row.
 
 Every run of every shortgpt_sramshetty manifest is replayed (held-out models replay the same way).
 """
