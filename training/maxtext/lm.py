@@ -175,7 +175,7 @@ class MaxTextEvalModel:
         import torch
 
         logits = self.mt.logits(input_ids.cpu().numpy())
-        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(logits)))
+        return SimpleNamespace(logits=torch.from_numpy(np.array(logits)))  # a writable copy: torch refuses read-only arrays
 
     def lm_eval_model(self, *, batch_size: int) -> MaxTextLM:
         return MaxTextLM(str(self.folder), batch_size=batch_size, max_length=self.max_length, model=self.mt,
