@@ -219,7 +219,13 @@ def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: int = 
         raise UsageError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     local_configs = _local_data_overrides(paths)
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
+    # A model that is not a transformers one (MaxText's, training/maxtext/lm.py) brings its own lm-eval LM,
+    # with the same conventions (no BOS before contexts).
+    own = getattr(model, "lm_eval_model", None)
+    if own is not None:
+        lm = own(batch_size=batch_size)
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=False)
     # Group the runs by shot count: simple_evaluate takes one num_fewshot for all its tasks.
     by_shots: Dict[int, List[str]] = {}
     for spec in specs:

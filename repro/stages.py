@@ -346,6 +346,8 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
         return 0
     _prepare_out(out, stamp, overwrite, replace_stale)
 
+    if options.engine == "maxtext":
+        return _train_maxtext(options, model_path, inputs, stamp, log)
     tokenizer = tokenizer_for(model_path)
     if options.kind == "lora":
         return _train_lora(options, model_path, tokenizer, inputs, stamp, log)
@@ -376,6 +378,24 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
         if not options.keep_checkpoints:
             checkpoint.discard(out)
         log(f"trained {options.model} ({options.kind}, {options.steps} steps) -> {out}")
+    return 0
+
+
+def _train_maxtext(options: TrainOptions, model_path: str, inputs: dict, stamp: str,
+                   log: Callable[[str], None]) -> int:
+    """`--engine maxtext`: MaxText's trainer (training/maxtext/train.py), train.json as the HF engine writes it."""
+    from training.maxtext import convert
+
+    convert.require_maxtext()  # one line outside the MaxText environment, before anything is written
+    from repro.provenance import provenance
+    from repro.results import write_json_atomic
+    from training.maxtext import train as maxtext_train
+
+    report = maxtext_train.train(options, log=log)
+    write_json_atomic(Path(options.out) / TRAIN_MANIFEST,
+                      {"stage": "train", "fingerprint": stamp, "options": options.model_dump(), "inputs": inputs,
+                       **report, "lineage": lineage(model_path), "provenance": provenance()})
+    log(f"trained {options.model} ({options.kind}, {options.steps} steps, MaxText) -> {options.out}")
     return 0
 
 
@@ -540,8 +560,25 @@ def load_hf(model: str, *, dtype: str, revision: Optional[str] = None):
     return load_model(model, dtype=dtype, revision=revision)
 
 
+def load_maxtext(model: str, *, dtype: str, revision: Optional[str] = None):
+    """A MaxText checkpoint directory (lpc convert --to maxtext), scored with MaxText's JAX model."""
+    from training.maxtext import convert
+
+    convert.require_maxtext()
+    if revision is not None:
+        raise UsageError("--backend maxtext reads a local MaxText directory; a hub revision does not apply")
+    if not (Path(model) / convert.MANIFEST).is_file():
+        raise UsageError(f"{model} is not a MaxText directory written by lpc convert --to maxtext "
+                         f"(no {convert.MANIFEST})")
+    from training.maxtext import lm
+
+    return lm.load_for_eval(model, dtype=dtype)
+
+
 # `lpc eval --backend`: how a checkpoint becomes (model, tokenizer) for the metrics of repro/evaluate.py.
-EVAL_BACKENDS: Dict[str, Callable] = {"hf": load_hf}
+EVAL_BACKENDS: Dict[str, Callable] = {"hf": load_hf, "maxtext": load_maxtext}
+# Backends whose model is no PyTorch module: the table's structure metrics (shapes, parameter counts) need one.
+NO_STRUCTURE_BACKENDS = ("maxtext",)
 
 
 def metric_specs(table) -> Dict[str, dict]:
@@ -598,6 +635,10 @@ def evaluate(recipe, table, row: str, *, model: str, results_root, cache: Option
     chain = check_chain(recipe, row, model)
     if backend not in EVAL_BACKENDS:
         raise UsageError(f"unknown evaluation backend {backend!r}; known: {', '.join(EVAL_BACKENDS)}")
+    structure = [key for key, m in table.metrics.items() if m.kind == "structure"]
+    if backend in NO_STRUCTURE_BACKENDS and structure:
+        raise UsageError(f"--backend {backend} cannot measure structure metric {structure[0]!r} (it reads a "
+                         "PyTorch model); evaluate this table with --backend hf")
     seed_everything(recipe.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -19,6 +19,10 @@ from test_maxtext_convert import _save, _smoke_dir, _tiny  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
+import torch  # noqa: E402
+
+from methods import scoring  # noqa: E402
+from repro import stages  # noqa: E402
 from repro.models import load_model  # noqa: E402
 from training.maxtext import convert  # noqa: E402
 from training.maxtext.lm import MaxTextLM, bucket  # noqa: E402
@@ -38,14 +42,20 @@ def _requests(kind):
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     vocab = 49152  # the smoke tokenizer's
     hf = _save(_tiny(num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True), root / "tiny")
     convert.to_maxtext(hf, root / "mt")
+    return hf, root / "mt"
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    hf, mt = tiny
     model, tokenizer = load_model(str(hf))
     reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, add_bos_token=False, max_length=64)
-    return reference, MaxTextLM(str(root / "mt"), batch_size=4, max_length=64)
+    return reference, MaxTextLM(str(mt), batch_size=4, max_length=64)
 
 
 def test_loglikelihoods_match_hflm(pair):
@@ -68,3 +78,17 @@ def test_rolling_perplexity_matches_hflm(pair):
 
 def test_buckets_are_powers_of_two_within_the_limit():
     assert [bucket(n, 64) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 64]
+
+
+def test_eval_backend_scores_as_the_hf_path(tiny):
+    """lpc eval --backend maxtext: the kit's perplexity and lm-eval runs on the MaxText model agree with
+    the same calls on the Hugging Face model."""
+    hf, mt = tiny
+    model, tokenizer = load_model(str(hf))
+    ours, our_tokenizer = stages.EVAL_BACKENDS["maxtext"](str(mt), dtype="float32")
+    stream = torch.as_tensor([tokenizer.encode(TEXTS[0] * 2)])
+    expected = scoring.perplexity(model, stream, "windows", seqlen=32)
+    assert abs(scoring.perplexity(ours, stream, "windows", seqlen=32) - expected) <= 1e-4 * expected
+    reference = scoring.run_tasks(model, tokenizer, ["lpc_smoke_mc"], batch_size=4, limit=8)
+    got = scoring.run_tasks(ours, our_tokenizer, ["lpc_smoke_mc"], batch_size=4, limit=8)
+    assert got["lpc_smoke_mc"]["metrics"] == reference["lpc_smoke_mc"]["metrics"]

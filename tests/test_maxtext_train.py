@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_maxtext_convert import _save, _tiny  # noqa: E402
 
 from methods import scoring  # noqa: E402
+from repro import stages  # noqa: E402
 from methods.errors import UsageError  # noqa: E402
 from repro.models import load_model  # noqa: E402
 from training.maxtext import train  # noqa: E402
@@ -37,8 +38,10 @@ def test_cpt_few_steps_loss_decreases_and_exports(tmp_path):
     rows = np.random.default_rng(0).integers(0, 512, size=(4, 33))
     tokens = np.repeat(rows, 4, axis=0)  # a few windows seen again and again: learnable in six steps
     np.save(tmp_path / "tokens.npy", tokens)
-    options = _options(model=str(hf), data=str(tmp_path / "tokens.npy"), out=str(tmp_path / "out"))
-    report = train.train(options, log=lambda _: None)
+    options = _options(model=str(hf), data=str(tmp_path / "tokens.npy"), out=str(tmp_path / "out"), engine="maxtext")
+    assert stages.train(options, log=lambda _: None) == 0  # lpc train --engine maxtext
+    report = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert report["engine"] == "maxtext" and report["options"]["engine"] == "maxtext"
 
     losses = report["losses"]
     assert len(losses) == options.steps and losses[-1] < losses[0]

@@ -58,6 +58,8 @@ class TrainOptions(BaseModel):
     keep_checkpoints: bool = Field(False, description="keep the sharded checkpoints after the export")
     activation_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda when available, else cpu")
+    engine: Literal["hf", "maxtext"] = Field(
+        "hf", description="hf: the kit's PyTorch trainer; maxtext: MaxText's trainer (TPU; kind cpt only)")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
@@ -85,6 +87,8 @@ class TrainOptions(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainOptions":
+        if self.engine == "maxtext":
+            self._check_maxtext()  # first: the rest checks settings of kinds MaxText does not train
         if self.kind != "lora" and self.steps is None:
             raise ValueError(f"kind {self.kind} needs --steps")
         if self.kind not in KINDS_WITH_SETTINGS and self.recipe:
@@ -102,6 +106,17 @@ class TrainOptions(BaseModel):
         if self.global_batch % self.micro_batch:
             raise ValueError(f"global batch {self.global_batch} is not divisible by micro batch {self.micro_batch}")
         return self
+
+    def _check_maxtext(self) -> None:
+        # What MaxText 0.2.5's pre-training trainer can express; the rest is the kit's own PyTorch engine.
+        if self.kind != "cpt":
+            raise ValueError(f"--engine maxtext trains kind cpt only, not {self.kind}; use --engine hf")
+        if self.nproc != 1:
+            raise ValueError("--engine maxtext runs one process per host (MaxText shards over its devices); "
+                             "drop --nproc")
+        if self.domains is not None:
+            raise ValueError("--engine maxtext reads one token file; dynamic batch loading (--domains) needs "
+                             "--engine hf")
 
     def _check_domains(self) -> None:
         dynamic = ("reference_loss", "eval_data") if self.domains is None else ()

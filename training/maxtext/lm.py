@@ -14,6 +14,7 @@ TPU numbers). `batch_size=1, buckets=False` is the one-request-at-a-time path `m
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -35,16 +36,17 @@ def bucket(length: int, limit: int) -> int:
 
 
 class MaxTextLM(TemplateLM):
-    def __init__(self, checkpoint: str, batch_size: int = 8, max_length: int = 2048, buckets: bool = True):
+    def __init__(self, checkpoint: str, batch_size: int = 8, max_length: int = 2048, buckets: bool = True,
+                 dtype: str = "float32", model: Optional[mt_model.MaxTextModel] = None, tokenizer=None):
         super().__init__()
         from transformers import AutoTokenizer
 
         folder = Path(checkpoint)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder / convert.HF_SUBDIR))
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(folder / convert.HF_SUBDIR))
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.buckets = buckets
-        self.model = mt_model.load(folder, seqlen=self.max_length, batch=self.batch_size)
+        self.model = model or mt_model.load(folder, seqlen=self.max_length, batch=self.batch_size, dtype=dtype)
         self._scores = self._score_fn()
         self.compiled_shapes = set()
 
@@ -129,3 +131,57 @@ class MaxTextLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError("the MaxText backend scores loglikelihoods; generation is not implemented")
+
+
+class MaxTextEvalModel:
+    """A MaxText checkpoint as `lpc eval --backend maxtext` loads it.
+
+    repro/evaluate.py scores perplexities through a model's forward (input_ids in, `.logits` out) and
+    accuracies through lm-eval; this object answers the first with MaxText's JAX forward (logits back
+    as a CPU torch tensor, so the kit's perplexity arithmetic is the HF path's) and the second with
+    `lm_eval_model`, which methods/scoring.py uses instead of wrapping the model in HFLM. The JAX model
+    is loaded once and shared by both.
+    """
+
+    training = False
+
+    def __init__(self, checkpoint: str, *, dtype: str = "float32"):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.folder = Path(checkpoint)
+        hf_dir = self.folder / convert.HF_SUBDIR
+        self.config = AutoConfig.from_pretrained(str(hf_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        # lm-eval's HFLM takes its max_length from the model config the same way.
+        self.max_length = int(getattr(self.config, "max_position_embeddings", None) or 2048)
+        self.mt = mt_model.load(self.folder, seqlen=self.max_length, dtype=dtype)
+
+    def to(self, device) -> "MaxTextEvalModel":
+        return self  # JAX places the parameters on its own devices; `device` is a torch setting
+
+    def eval(self) -> "MaxTextEvalModel":
+        return self
+
+    def train(self, mode: bool = True) -> "MaxTextEvalModel":
+        return self
+
+    def get_input_embeddings(self):
+        import torch
+
+        # Only the device is read (where input ids go): the logits come back on the CPU.
+        return SimpleNamespace(weight=torch.empty(0))
+
+    def __call__(self, input_ids, use_cache: bool = False, **_):
+        import torch
+
+        logits = self.mt.logits(input_ids.cpu().numpy())
+        return SimpleNamespace(logits=torch.from_numpy(np.array(logits)))  # a writable copy: torch refuses read-only arrays
+
+    def lm_eval_model(self, *, batch_size: int) -> MaxTextLM:
+        return MaxTextLM(str(self.folder), batch_size=batch_size, max_length=self.max_length, model=self.mt,
+                         tokenizer=self.tokenizer)
+
+
+def load_for_eval(checkpoint: str, *, dtype: str = "float32") -> Tuple[MaxTextEvalModel, object]:
+    model = MaxTextEvalModel(checkpoint, dtype=dtype)
+    return model, model.tokenizer

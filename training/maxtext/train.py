@@ -40,9 +40,9 @@ ARRAY_RECORD_SUFFIX = ".array_record"
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
         why = {"sparse": "MaxText 0.2.5 cannot keep a given mask's zeros at zero (its weight_sparsity "
-                         "re-selects N:M masks); use --engine fsdp",
-               "kd": "MaxText's distillation is a separate trainer the kit does not drive yet; use --engine fsdp",
-               "lora": "LoRA recovery runs on the Hugging Face model; use --engine fsdp"}.get(kind, "unknown kind")
+                         "re-selects N:M masks); use --engine hf",
+               "kd": "MaxText's distillation is a separate trainer the kit does not drive yet; use --engine hf",
+               "lora": "LoRA recovery runs on the Hugging Face model; use --engine hf"}.get(kind, "unknown kind")
         raise UsageError(f"lpc train --engine maxtext: kind {kind} is not supported ({why})")
 
 
