@@ -9,6 +9,11 @@ VENV ?= .venv
 VENV443 ?= .venv-tf443
 # SkyPilot pins click < 8.2 and huggingface-hub needs >= 8.4: jobman gets its own venv.
 VENVJOB ?= .venv-jobman
+# MaxText 0.2.5 needs Python >= 3.12: the TPU path's tests (conversion, logits, CPU training, eval) get their own venv.
+VENVMT ?= .venv-maxtext
+# The first Python 3.12 that runs: python3.12 on PATH, else pyenv's (whose shim fails when 3.12 is not selected).
+PYTHON312 ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),\
+               $(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null)))
 TORCH_PIN ?= torch==2.13.0
 PROFILE ?= smoke
 RESULTS ?= results/local
@@ -19,12 +24,13 @@ export LPC_CACHE
 # docker when an engine and the method's image are present, else the local venv.
 RUNTIME ?= auto
 
-.PHONY: help setup test test-tf443 test-jobman test-all test-container smoke bench report diff-committed clean
+.PHONY: help setup smoke-model test test-tf443 test-jobman test-maxtext test-all test-container smoke bench report diff-committed clean
 
 help:
 	@echo "make repro-<method> PROFILE=smoke|paper [RUNTIME=local|docker]   methods: $(METHODS)"
-	@echo "make test | test-all | test-container | smoke | bench | report | setup"
-	@echo "make image-<method> | pull-<method>"
+	@echo "make test | test-all | test-container | smoke | bench | report | setup | smoke-model"
+	@echo "make image-<method> | pull-<method>            images: $(IMAGE_FAMILIES)"
+	@echo "make images | image-<image> | image-smoke-<image> | lock-<image> | push-<image> REGISTRY=host[:port]/namespace"
 
 # ---- environments ---------------------------------------------------------------------------
 $(VENV)/.stamp: requirements/local.txt docker/requirements-lint.txt pyproject.toml
@@ -48,15 +54,26 @@ $(VENVJOB)/.stamp: requirements/jobman.txt pyproject.toml
 	$(VENVJOB)/bin/pip install -q --no-deps -e .
 	touch $@
 
-$(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json: $(VENV)/.stamp
+$(VENVMT)/.stamp: requirements/maxtext.txt pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "make: the MaxText venv needs python3.12 (set PYTHON312=...)"; exit 2; }
+	$(PYTHON312) -m venv $(VENVMT)
+	$(VENVMT)/bin/pip install -q -r requirements/maxtext.txt
+	$(VENVMT)/bin/pip install -q --no-deps -e .
+	touch $@
+
+SMOKE_MODEL := $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
+$(SMOKE_MODEL): $(VENV)/.stamp
 	$(VENV)/bin/python -m repro.smoke_model
 
-setup: $(VENV)/.stamp $(VENV443)/.stamp $(VENVJOB)/.stamp $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
+# The main venv and the smoke model only: what `make repro-<m>` and the images' smoke runs need.
+smoke-model: $(SMOKE_MODEL)
+
+setup: $(VENV)/.stamp $(VENV443)/.stamp $(VENVJOB)/.stamp $(VENVMT)/.stamp $(SMOKE_MODEL)
 
 # ---- tests ----------------------------------------------------------------------------------
 test: setup
 	$(VENV)/bin/python -m pytest -q --ignore=tests/jobman
-	$(MAKE) --no-print-directory test-tf443 test-jobman
+	$(MAKE) --no-print-directory test-tf443 test-jobman test-maxtext
 
 test-jobman: $(VENVJOB)/.stamp
 	$(VENVJOB)/bin/python -m pytest -q tests/jobman
@@ -70,11 +87,19 @@ TF443_TESTS := tests/test_golden_sparse.py tests/test_methods_models.py tests/te
 test-tf443: $(VENV443)/.stamp
 	$(VENV443)/bin/python -m pytest -q $(TF443_TESTS)
 
+# The TPU path on CPU (JAX's CPU build): conversion both ways, the logits test, CPU training, the
+# MaxText lm-eval backend. In the main venv these files skip (no maxtext there).
+MAXTEXT_TESTS := $(wildcard tests/test_maxtext*.py)
+test-maxtext: $(VENVMT)/.stamp $(SMOKE_MODEL)
+	$(VENVMT)/bin/python -m pytest -q $(MAXTEXT_TESTS)
+
 test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "not container" --ignore=tests/jobman
-	$(MAKE) --no-print-directory test-tf443 test-jobman
+	$(MAKE) --no-print-directory test-tf443 test-jobman test-maxtext
 
-test-container: setup
+# Builds every image (docker/images.py) with podman, runs each one's smoke commands inside, and
+# pushes to / pulls from a registry on 127.0.0.1; needs root, podman and hours on 2 cores.
+test-container: $(VENV)/.stamp $(SMOKE_MODEL)
 	$(VENV)/bin/python -m pytest -q -m container --ignore=tests/jobman
 
 # ---- reproduction ---------------------------------------------------------------------------
@@ -95,7 +120,8 @@ endif
 repro-%: $$(if $$(filter docker,$$(call runtime_of,$$*)),container-repro-$$*,local-repro-$$*)
 	@:
 
-local-repro-%: setup
+# Only the main venv (and for the smoke profile the smoke model): not the version-matrix or jobman venvs.
+local-repro-%: $(VENV)/.stamp $$(if $$(filter smoke,$$(PROFILE)),$$(SMOKE_MODEL))
 	$(VENV)/bin/lpc repro $* --profile $(PROFILE) --results-dir $(RESULTS)
 
 smoke:
@@ -113,4 +139,4 @@ bench: setup
 	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json
 
 clean:
-	rm -rf $(VENV) $(VENV443) $(VENVJOB) build *.egg-info
+	rm -rf $(VENV) $(VENV443) $(VENVJOB) $(VENVMT) build *.egg-info

@@ -113,7 +113,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--random-llama2-7b", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
+    parser.add_argument("--maxtext-eval", metavar="MT_DIR",
+                        help="only the MaxText lm-eval bench on this converted checkpoint (MaxText venv)")
     args = parser.parse_args(argv)
+    if args.maxtext_eval:
+        result = maxtext_eval(args.maxtext_eval)
+        print(json.dumps(result, indent=1))
+        from repro.results import write_json_atomic
+
+        write_json_atomic(args.out, {"results": [result]})
+        return 0
     if args.one:
         print(json.dumps(bench_one(args.one, args)))
         return 0
@@ -138,6 +147,38 @@ def main(argv=None) -> int:
     write_json_atomic(args.out, {"results": results, "provenance": provenance()})
     print(f"wrote {args.out}")
     return 0
+
+
+# ----------------------------------------------------------------------------- MaxText lm-eval backend
+# Runs in the MaxText venv only (`.venv-maxtext/bin/python -m repro.bench --maxtext-eval MT_DIR`): the
+# one-request-at-a-time MaxText path (batch 1, unpadded: a compile per distinct length, as the
+# collection's orbax_lm) against the batched, length-bucketed backend, on the same requests, in one run.
+
+def maxtext_eval(checkpoint: str, *, requests: int = 64, batch_size: int = 8, max_length: int = 256) -> dict:
+    from lm_eval.api.instance import Instance
+
+    from repro import data
+    from training.maxtext.lm import MaxTextLM
+
+    folder = Path(data.SMOKE_CALIB_TEXT)
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    words = " ".join(p.read_text() for p in files).split()
+    pairs = []
+    for i in range(requests):  # contexts of 4..67 words, continuations of 1..4 words, from the smoke text
+        start, size = (i * 37) % (len(words) - 80), 4 + (i * 13) % 64
+        pairs.append((" ".join(words[start:start + size]), " " + " ".join(words[start + size:start + size + 1 + i % 4])))
+    instances = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    timings, outputs = {}, {}
+    for name, kwargs in (("one_at_a_time", {"batch_size": 1, "buckets": False}),
+                         ("batched_buckets", {"batch_size": batch_size, "buckets": True})):
+        lm = MaxTextLM(checkpoint, max_length=max_length, **kwargs)
+        start = time.perf_counter()
+        outputs[name] = lm.loglikelihood(instances)
+        timings[name] = {"seconds": time.perf_counter() - start, "compiled_shapes": len(lm.compiled_shapes)}
+    worst = max(abs(a[0] - b[0]) for a, b in zip(outputs["one_at_a_time"], outputs["batched_buckets"]))
+    return {"bench": "maxtext_eval", "checkpoint": checkpoint, "requests": requests, "batch_size": batch_size,
+            **timings, "speedup": timings["one_at_a_time"]["seconds"] / timings["batched_buckets"]["seconds"],
+            "max_loglikelihood_difference": worst}
 
 
 if __name__ == "__main__":

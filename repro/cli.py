@@ -1,4 +1,4 @@
-"""`lpc`: prune a model, reproduce a table, diff results against the papers.
+"""`lpc`: prune, train and evaluate a model, reproduce a table, diff results against the papers.
 
 Bad input prints one line (`lpc: error: ...`) and exits 2; a failed diff exits 1.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -73,6 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--results-dir", type=Path, default=Path("results/local"))
     repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
     repro.add_argument("--no-dense-gate", action="store_true", help="continue even if the dense model is off")
+    repro.add_argument("--work-dir", type=Path,
+                       help="where rows keep their stage checkpoints: WORK/<profile>/<method>/<row>/{pruned,trained} "
+                            "(default: <results-dir>/<profile>/<method>/stages/<row>)")
+    repro.add_argument("--keep-stages", choices=("all", "trained", "none"), default="trained",
+                       help="stage checkpoints kept once a row's result is written (default: trained)")
+    repro.add_argument("--submit", choices=("local", "slurm", "skypilot"),
+                       help="submit each unfinished stage as a jobman job (an afterok chain per row, then a diff) "
+                            "instead of running here")
+    repro.add_argument("--gpus", metavar="N|TYPE:N",
+                       help="--submit: GPUs per node for training (TYPE:N, e.g. H100:8, is also asked of the backend)")
+    repro.add_argument("--nodes", type=int, default=1, help="--submit: nodes for training (torchrun rendezvous)")
+    repro.add_argument("--image", help="--submit: the container image jobs run in (slurm with pyxis, skypilot)")
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a recipe row's table metrics and write its result",
+                              description="Writes <results-dir>/<profile>/<method>/<row>.json, as lpc repro does.")
+    evaluate.add_argument("--model", required=True,
+                          help="the row's last stage output (a pruned or trained checkpoint); the profile's model "
+                               "for the dense row")
+    evaluate.add_argument("--method", required=True)
+    evaluate.add_argument("--profile", default="smoke", help="paper | smoke")
+    evaluate.add_argument("--row", required=True)
+    evaluate.add_argument("--results-dir", type=Path, default=Path("results/local"))
+    evaluate.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
+    evaluate.add_argument("--backend", default="hf", help="how the checkpoint is loaded (default: hf)")
+    evaluate.add_argument("--gate", action="store_true",
+                          help="dense row: exit 1 when it is off its reference (what gates the other rows' jobs)")
 
     train = sub.add_parser("train", help="train a checkpoint: continued pre-training, distillation, sparse or LoRA",
                            description="Options not given keep their defaults (the collection's settings). "
@@ -82,11 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lora: a field of the LoRA recipe (YAML value), e.g. --option r=8")
     train.add_argument("--overwrite", action="store_true", help="discard whatever --out holds and start afresh")
 
+    convert = sub.add_parser("convert", help="convert a checkpoint between Hugging Face and MaxText (TPU training)",
+                             description="Runs MaxText's own conversion (needs the MaxText environment: "
+                                         ".venv-maxtext or the maxtext image). Uniform Llama checkpoints only.")
+    convert.add_argument("--to", required=True, choices=("maxtext", "hf"), help="the format to write")
+    convert.add_argument("--model", required=True,
+                         help="--to maxtext: a Hugging Face checkpoint directory or 'smoke'; "
+                              "--to hf: a MaxText directory written by lpc convert or lpc train --engine maxtext")
+    convert.add_argument("--out", required=True, type=Path)
+    convert.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+                         help="--to maxtext: store layers unstacked (MaxText's scan_layers=false)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     diff = sub.add_parser("diff", help="print paper | collection | ours | delta | tolerance | status")
     diff.add_argument("method", nargs="?", help="a method, or omit with --all")
     diff.add_argument("--all", action="store_true", help="every method and profile that has results")
     diff.add_argument("--profile", default="smoke")
     diff.add_argument("--results-dir", type=Path, default=Path("results/local"))
+    diff.add_argument("--table", type=Path, help="with a method: a table file instead of repro/tables/<method>.yaml")
+    diff.add_argument("--rows", help="with a method: comma-separated row ids to compare (default: all)")
     diff.add_argument("--no-plots", action="store_true",
                       help="compare the figures but write no PNG (default: <results>/<profile>/<method>/figures/)")
     return parser
@@ -95,11 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command in ("prune", "repro", "train"):
+        if args.command in ("prune", "repro", "train", "eval"):
             from repro.models import quiet_transformers
 
             quiet_transformers()
-        return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff, "train": cmd_train}[args.command](args)
+        return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff, "train": cmd_train,
+                "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
     except UsageError as exc:
         print(f"lpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -110,12 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def cmd_prune(args) -> int:
     import methods
-    from repro import data
-    from repro.evaluate import model_seqlen
-    from repro.models import load_model, save_checkpoint
-    from repro.provenance import provenance
-    from repro.results import write_json_atomic
-    from repro.runner import seed_everything
+    from repro import stages
 
     method = methods.get(args.method)
     options = _method_options(args, method)
@@ -125,50 +160,31 @@ def cmd_prune(args) -> int:
         return _prune_by_training(args, method, options)
     if given:
         raise UsageError(f"--{given[0].replace('_', '-')} is a training setting; method {args.method!r} does not train")
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
-    if method.needs_calibration and not args.calib:
-        raise UsageError(f"method {args.method!r} needs --calib")
-    if args.calib and Path(args.calib).suffix in data.TOKEN_FILE_SUFFIXES:
-        tokens = data.load_token_file(args.calib)  # validate the file before loading the model
-    else:
-        tokens = None
+    request = stages.PruneRequest(model=args.model, method=args.method, out=args.out, options=options,
+                                  calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                  dtype=args.dtype, revision=args.revision, device=args.device)
+    stages.prune(request, overwrite=args.overwrite)
+    return 0
 
-    seed_everything(args.seed)
-    timings = {}
-    start = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, revision=args.revision)
-    timings["load"] = time.perf_counter() - start
 
-    calib = None
-    calib_info = None
-    if method.needs_calibration:
-        start = time.perf_counter()
-        if tokens is not None:
-            nsamples = args.nsamples or tokens.shape[0]
-            seqlen = args.seqlen or tokens.shape[1]
-        else:
-            nsamples = args.nsamples or 128
-            seqlen = args.seqlen or model_seqlen(model)
-        calib = data.calibration(args.calib, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
-                                 seed=args.seed)
-        timings["calibration"] = time.perf_counter() - start
-        calib_info = {"spec": args.calib, "shape": list(calib.shape), "seed": args.seed}
+def cmd_eval(args) -> int:
+    from repro import runner, stages
+    from repro.recipe import load_recipe
+    from repro.tables import load_profile
 
-    report = methods.prune(model, args.method, calib, device=args.device, tokenizer=tokenizer, **options)
-    timings["prune"] = report.pop("seconds")
-    start = time.perf_counter()
-    save_checkpoint(model, tokenizer, args.out)
-    timings["save"] = time.perf_counter() - start
-    write_json_atomic(args.out / "prune.json", {
-        **report, "model": args.model, "revision": args.revision, "dtype": args.dtype,
-        "calibration": calib_info, "seed": args.seed, "timings_seconds": timings, **provenance(),
-    })
-    if "parameters" in report:
-        summary = "{pruned:,} of {dense:,} parameters kept".format(**report["parameters"])
-    else:
-        summary = f"overall sparsity {report['overall_sparsity']:.4f}"
-    print(f"pruned {args.model} with {args.method}: {summary} -> {args.out}")
+    recipe = load_recipe(args.method, args.profile, args.recipe)
+    table = load_profile(recipe.method, args.profile, recipe.table)
+    if args.row not in recipe.rows:
+        raise UsageError(f"unknown row {args.row}; recipe rows: {', '.join(recipe.rows)}")
+    runner.check_device(recipe)
+    result = stages.evaluate(recipe, table, args.row, model=args.model, results_root=args.results_dir,
+                             backend=args.backend)
+    if args.gate and args.row == runner.DENSE:
+        try:
+            runner.check_dense(table, result)
+        except runner.DenseGateFailed as exc:
+            print(f"lpc: dense gate failed: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -371,15 +387,55 @@ def _key_values(items: List[str]) -> List[tuple]:
     return pairs
 
 
+def cmd_convert(args) -> int:
+    from training.maxtext import config as mtconfig
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{args.out} exists and is not empty; pass --overwrite to replace it")
+    model = Path(args.model)
+    if args.to == "maxtext":
+        if args.model == "smoke":
+            from repro.models import resolve
+
+            model = Path(resolve("smoke"))
+        if not model.is_dir():
+            raise UsageError(f"model directory not found: {args.model}")
+        mtconfig.model_overrides(mtconfig.read_hf_config(model))  # refuse before MaxText is imported
+    from training.maxtext import convert
+
+    if args.to == "maxtext":
+        convert.to_maxtext(model, args.out, scan_layers=args.scan_layers)
+    else:
+        if not model.is_dir():
+            raise UsageError(f"MaxText checkpoint directory not found: {args.model}")
+        convert.to_hf(model, args.out)
+    print(f"converted {args.model} -> {args.out} ({'MaxText' if args.to == 'maxtext' else 'Hugging Face'})")
+    return 0
+
+
 def cmd_repro(args) -> int:
     from repro import runner
 
     rows = [r for r in args.rows.split(",") if r] if args.rows else None
+    if args.submit is None and (args.gpus or args.nodes != 1 or args.image):
+        raise UsageError("--gpus, --nodes and --image are for the jobs of --submit; without it, a train spec's "
+                         "nproc sets the processes on this machine")
     try:
+        if args.submit:
+            from repro import submit
+
+            submit.submit(args.method, args.profile, backend=args.submit, results_root=args.results_dir, rows=rows,
+                          recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,
+                          gpus=args.gpus, nodes=args.nodes, image=args.image)
+            return 0
         ok = runner.run(args.method, args.profile, results_root=args.results_dir, rows=rows,
-                        recipe_path=args.recipe, dense_gate=not args.no_dense_gate)
+                        recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,
+                        keep=args.keep_stages)
     except runner.DenseGateFailed as exc:
         print(f"lpc: dense gate failed: {exc}", file=sys.stderr)
+        return 1
+    except runner.StageFailed as exc:
+        print(f"lpc: stage failed: {exc}", file=sys.stderr)
         return 1
     return 0 if ok else 1
 
@@ -390,6 +446,9 @@ def cmd_diff(args) -> int:
 
     if args.all == bool(args.method):
         raise UsageError("give a method or --all (not both)")
+    if args.all and (args.table or args.rows):
+        raise UsageError("--table and --rows go with one method, not --all")
+    rows = [r for r in args.rows.split(",") if r] if args.rows else None
     if args.method:
         targets = [(args.method, args.profile)]
     else:
@@ -400,7 +459,11 @@ def cmd_diff(args) -> int:
             raise UsageError(f"no results under {args.results_dir}")
     failed = False
     for method, profile in targets:
-        failed |= differ.report(method, load_profile(method, profile), args.results_dir, plots=not args.no_plots)
+        table = load_profile(method, profile, args.table)
+        unknown = [r for r in rows or () if r not in table.rows]
+        if unknown:
+            raise UsageError(f"unknown row {', '.join(unknown)}; table rows: {', '.join(table.rows)}")
+        failed |= differ.report(method, table, args.results_dir, rows=rows, plots=not args.no_plots)
     return 1 if failed else 0
 
 

@@ -65,6 +65,9 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
 
 def structure_value(model, field: str) -> float:
     """A shape or parameter count of the (pruned) model, as a table's `structure` metric reads it."""
+    if field.startswith("nm_"):
+        zeros, group = (int(x) for x in field[3:].split("of"))
+        return nm_fraction(model, zeros, group)
     if field == "parameters":
         return float(surgery.count_parameters(model))
     if field == "non_embedding_parameters":
@@ -79,3 +82,20 @@ def structure_value(model, field: str) -> float:
     if field == "num_hidden_layers":
         return float(len(widths))
     return float(model.get_input_embeddings().weight.shape[1])  # hidden_size
+
+
+def nm_fraction(model, zeros: int, group: int) -> float:
+    """The fraction of groups of `group` consecutive input weights, over every row of every decoder
+    projection, that hold at least `zeros` zeros (1.0: the N:M pattern is intact everywhere)."""
+    import torch
+
+    kept = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name and name.endswith("_proj"):
+            weight = module.weight.detach()
+            if weight.shape[1] % group:
+                raise ValueError(f"{name}: input width {weight.shape[1]} is not a multiple of {group}")
+            counts = (weight.reshape(weight.shape[0], -1, group) == 0).sum(-1)
+            kept += int((counts >= zeros).sum())
+            total += counts.numel()
+    return kept / total

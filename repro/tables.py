@@ -20,8 +20,10 @@ from repro.tolerance import PPL_REL_DEFAULT
 
 TABLES = Path(__file__).resolve().parent / "tables"
 # What a `structure` metric reads off the pruned model (repro.evaluate.structure_value).
+# nm_2of4 / nm_4of8: the fraction of groups of M consecutive input weights (every row of every decoder
+# projection) that hold at least N zeros; 1.0 exactly when the N:M pattern is intact.
 STRUCTURE_FIELDS = ("parameters", "non_embedding_parameters", "hidden_size", "intermediate_size",
-                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "nm_2of4", "nm_4of8")
 # Per metric kind: the keys it needs, then the ones it may add.
 METRIC_KEYS = {"accuracy": (("task", "metric", "shots", "n"), ("split",)),
                "perplexity": (("data", "protocol", "seqlen"), ("max_windows", "bos")),

@@ -25,6 +25,33 @@ def golden_path(*parts: str) -> Path:
     return path
 
 
+class MissingGolden(str):
+    """A parameter standing in for golden fixtures that are not there; a test given it fails."""
+
+
+def golden_manifests(pattern: str):
+    """The manifests under the golden folder's expected/ that match `pattern`, sorted."""
+    return sorted((GOLDEN / "expected").glob(pattern))
+
+
+def golden_params(cases, pattern: str) -> list:
+    """Parameters of a golden test: `cases`, read from the manifests matching `pattern`. Where no
+    manifest matches (the fixture folder is missing or incomplete), one case that fails instead:
+    an empty parameter set would only be reported as skipped."""
+    if golden_manifests(pattern):
+        return list(cases)
+    return [pytest.param(MissingGolden(f"no golden manifest {pattern} under {GOLDEN / 'expected'} (set LPC_GOLDEN)"),
+                         id="golden-fixtures-missing")]
+
+
+@pytest.fixture(autouse=True)
+def _fail_without_golden_fixtures(request):
+    callspec = getattr(request.node, "callspec", None)
+    for value in callspec.params.values() if callspec else ():
+        if isinstance(value, MissingGolden):
+            pytest.fail(value)
+
+
 def tiny_llama(num_kv_heads: int = 2, seed: int = 0, **overrides):
     """A randomly initialised Llama small enough for unit tests (GQA by default)."""
     import torch
@@ -56,7 +83,7 @@ def manifest_runs(pattern: str):
     manifests matching `pattern` (ShortGPT and Minitron files: dict[model][run])."""
     import json
 
-    for manifest in sorted((GOLDEN / "expected").glob(pattern)):
+    for manifest in golden_manifests(pattern):
         data = json.loads(manifest.read_text())
         npz = [name for name in data["files"] if name.endswith(".npz")]
         for model, model_runs in data["results"].items():

@@ -13,7 +13,7 @@ from methods import scoring
 from methods.errors import UsageError
 from methods.scoring import TaskSpec, perplexity
 from repro import evaluate
-from tests.conftest import GOLDEN, tiny_llama
+from tests.conftest import golden_path, tiny_llama
 
 
 def direct_window_ppl(model, stream, seqlen, bos=None):
@@ -147,19 +147,20 @@ def test_half_precision_logits_are_scored_in_float32(model, stream):
 def test_training_mode_is_restored(stream, protocol):
     m = tiny_llama(max_position_embeddings=128).train()
     tokens = stream if protocol == "windows" else stream[:, :50].reshape(2, 25)
-    perplexity(m, tokens, protocol, **({"seqlen": 25} if protocol == "windows" else {}))
+    kwargs = {"seqlen": 25} if protocol == "windows" else {}
+    ppl = perplexity(m, tokens, protocol, **kwargs)
     assert m.training
+    # the number does not depend on the mode the model came in
+    assert ppl == perplexity(m.eval(), tokens, protocol, **kwargs)
 
 
 def test_golden_dense_ppl():
-    manifest = GOLDEN / "fixtures_manifest.json"
-    if not manifest.exists():
-        pytest.skip(f"golden fixtures not found at {GOLDEN}")
     from transformers import AutoModelForCausalLM
 
+    manifest = golden_path("fixtures_manifest.json")
     expected = json.loads(manifest.read_text())["models"]["tiny-llama-mha"]["dense_eval_ppl"]
-    golden = AutoModelForCausalLM.from_pretrained(str(GOLDEN / "tiny-llama-mha"), torch_dtype=torch.float32).eval()
-    rows = torch.load(GOLDEN / "eval.pt", weights_only=True)
+    golden = AutoModelForCausalLM.from_pretrained(str(golden_path("tiny-llama-mha")), torch_dtype=torch.float32).eval()
+    rows = torch.load(golden_path("eval.pt"), weights_only=True)
     assert perplexity(golden, rows, "rows") == pytest.approx(expected, rel=1e-5)
     # Equal-length windows: the window protocol over the flattened rows is the same number.
     assert perplexity(golden, rows.reshape(1, -1), seqlen=rows.shape[1]) == pytest.approx(expected, rel=1e-5)

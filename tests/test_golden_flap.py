@@ -20,19 +20,22 @@ import methods
 from methods import width_stats
 from methods.scoring import perplexity
 from repro.models import dtype_kwarg
-from tests.conftest import GOLDEN, golden_path
+from tests.conftest import golden_manifests, golden_params, golden_path
 
 METHODS = {"flap": "flap", "wanda_sp": "wanda-sp", "mag_sp": "wanda-sp"}
+
+
+MANIFESTS = "flap_repo_manifest*.json"
 
 
 def _runs():
     """Every run the FLAP-repo manifests describe (held-out models and ratios replay the same way)."""
     runs = []
-    for manifest in sorted((GOLDEN / "expected").glob("flap_repo_manifest*.json")):
+    for manifest in golden_manifests(MANIFESTS):
         for name, run in json.loads(manifest.read_text())["runs"].items():
             npz = [f for f in run["files"] if f.endswith(".npz")]
             runs.append(dict(run, name=name, file=npz[0], model=run.get("model") or name.split("__")[1]))
-    return runs
+    return golden_params(runs, MANIFESTS)
 
 
 def _options(run) -> dict:

@@ -26,31 +26,30 @@ import methods
 from methods.errors import UsageError
 from methods.scoring import perplexity
 from repro.models import dtype_kwarg
-from tests.conftest import GOLDEN, golden_path
+from tests.conftest import golden_manifests, golden_params, golden_path
 
 TAYLOR = {"param_first": "element1", "param_second": "element2", "vectorize": "vector", "param_mix": "param_mix"}
 
 
-def _manifests():
-    return sorted((GOLDEN / "expected").glob("llmpruner*manifest*.json"))
+MANIFESTS = "llmpruner*manifest*.json"
 
 
 def _runs():
     runs = []
-    for path in _manifests():
+    for path in golden_manifests(MANIFESTS):
         manifest = json.loads(path.read_text())
         for name, run in manifest["runs"].items():
             runs.append(pytest.param(dict(run, name=name, settings=manifest["settings"]), id=name))
-    return runs
+    return golden_params(runs, MANIFESTS)
 
 
 def _failures():
     out = []
-    for path in _manifests():
+    for path in golden_manifests(MANIFESTS):
         manifest = json.loads(path.read_text())
         for name, failure in (manifest.get("failures") or {}).items():
             out.append(pytest.param(dict(name=name, failure=failure, settings=manifest["settings"]), id=name))
-    return out
+    return golden_params(out, MANIFESTS)
 
 
 def _setting(run: dict, key: str):

@@ -15,18 +15,19 @@ import torch
 import methods
 from methods.scoring import perplexity
 from repro.models import dtype_kwarg
-from tests.conftest import golden_path, manifest_runs
+from tests.conftest import golden_params, golden_path, manifest_runs
 
 REL_SCORE = 1e-4
 REL_PPL = 1e-3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MANIFESTS = "minitron_collection_manifest*.json"
 
 
 def _runs():
     return [dict(run, model=model, name=name, npz=npz)
-            for model, name, run, npz in manifest_runs("minitron_collection_manifest*.json")]
+            for model, name, run, npz in manifest_runs(MANIFESTS)]
 
 
 RUNS = _runs()
@@ -65,7 +66,7 @@ def test_manifests_are_found():
     assert {r["mode"] for r in RUNS} == {"bi", "depth", "width"}
 
 
-@pytest.mark.parametrize("run", RUNS, ids=lambda r: f"{r['model']}-{r['name']}")
+@pytest.mark.parametrize("run", golden_params(RUNS, MANIFESTS), ids=lambda r: f"{r['model']}-{r['name']}")
 def test_matches_the_collection(run, data):
     calib, evaluation = data
     model = _model(run["model"])

@@ -13,18 +13,19 @@ import torch
 import methods
 from methods.scoring import perplexity
 from repro.models import dtype_kwarg
-from tests.conftest import golden_path, manifest_runs
+from tests.conftest import golden_params, golden_path, manifest_runs
 
 REL_SCORE = 1e-4
 REL_PPL = 1e-3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+MANIFESTS = "shortgpt_sramshetty_manifest*.json"
 
 
 def _runs():
     runs = []
-    for model, name, run, npz in manifest_runs("shortgpt_sramshetty_manifest*.json"):
+    for model, name, run, npz in manifest_runs(MANIFESTS):
         metric, _, count = name.partition("_remove")
         runs.append(dict(run, model=model, name=name, metric=metric, count=int(count), npz=npz))
     return runs
@@ -53,7 +54,7 @@ def test_manifests_are_found():
     assert {r["metric"] for r in RUNS} == {"bi", "angular"}
 
 
-@pytest.mark.parametrize("run", RUNS, ids=lambda r: f"{r['model']}-{r['name']}")
+@pytest.mark.parametrize("run", golden_params(RUNS, MANIFESTS), ids=lambda r: f"{r['model']}-{r['name']}")
 def test_matches_sramshetty(run, data):
     from transformers import LlamaForCausalLM
 

@@ -15,18 +15,21 @@ import torch
 
 import methods
 from methods.scoring import perplexity
-from tests.conftest import GOLDEN, golden_path
+from tests.conftest import golden_manifests, golden_params, golden_path
+
+
+MANIFESTS = "wanda_repo_manifest*.json"
 
 
 def _runs():
     """Every run the Wanda-repo manifests describe (driven by the manifests, not by file names, so
     fixtures for other models and ratios are replayed the same way)."""
     runs = []
-    for manifest in sorted((GOLDEN / "expected").glob("wanda_repo_manifest*.json")):
+    for manifest in golden_manifests(MANIFESTS):
         for name, run in json.loads(manifest.read_text())["runs"].items():
             npz = [f for f in run["files"] if f.endswith(".npz")]
             runs.append(dict(run, name=name, file=npz[0]))
-    return runs
+    return golden_params(runs, MANIFESTS)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The smoke profile end to end on the real smoke model (SmolLM2-135M-Instruct, CPU).
 
-The fast tier runs every method on one row (2:4, plus the shared dense gate) and diffs it against
-the stored smoke references; the slow tier (`make test-all`) runs every row and the papers' claims.
+The fast tier runs every method on one row (2:4, plus the shared dense gate) and Wanda 2:4 with
+sparse retraining, and diffs them against the stored smoke references; the slow tier (`make
+test-all`) runs every row and the papers' claims.
 """
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def test_one_row_per_method_matches_its_smoke_reference(results, method, capsys)
     out = capsys.readouterr().out
     assert code == 0, out
     assert (results / "smoke" / method / "2of4.json").is_file()
+
+
+def test_sparse_retraining_row_matches_its_reference(results, capsys):
+    """The training stage in the fast tier: Wanda 2:4, then sparse retraining (a few minutes on 2 cores),
+    then evaluation; the 2:4 pattern is intact (nm_2of4 = 1.0 exactly) and the reference holds."""
+    from repro.results import read_json
+
+    code = main(["repro", "wanda", "--profile", "smoke", "--rows", "dense,2of4-sparse", "--results-dir", str(results)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    record = read_json(results / "smoke" / "wanda" / "2of4-sparse.json")
+    assert record["metrics"]["nm_2of4"] == 1.0
+    assert record["training"]["options"]["kind"] == "sparse" and record["training"]["sparsity"]["checked_every_step"]
+    assert [r["step"] for r in record["training"]["log"]] == list(range(1, record["training"]["options"]["steps"] + 1))
 
 
 @pytest.mark.slow

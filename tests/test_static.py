@@ -14,11 +14,15 @@ from tests.conftest import REPO
 
 PACKAGES = ("methods", "repro", "training", "jobman")
 METHODS = ("magnitude", "wanda", "sparsegpt")
-# Every method has an image (docker/<family>/, the registry's `family`): its image and pull targets.
+# Every method has an image (the registry's `family`, an image of docker/images.py): its image and
+# pull targets; every image its build, smoke, lock and push targets.
 IMAGE_METHODS = tuple(REGISTRY)
-PUBLIC_TARGETS = ["help", "setup", "test", "test-tf443", "test-jobman", "test-all", "test-container", "smoke", "bench",
-                  "report", "diff-committed", *(f"repro-{m}" for m in METHODS),
+IMAGES = subprocess.run(["python3", str(REPO / "docker" / "images.py"), "list"], capture_output=True,
+                        text=True).stdout.split()
+PUBLIC_TARGETS = ["help", "setup", "smoke-model", "test", "test-tf443", "test-jobman", "test-all", "test-container",
+                  "smoke", "bench", "report", "diff-committed", "images", *(f"repro-{m}" for m in METHODS),
                   *(f"{verb}-{m}" for verb in ("image", "pull") for m in IMAGE_METHODS)]
+IMAGE_TARGETS = [f"{verb}-{i}" for verb in ("image", "image-smoke", "lock", "push") for i in IMAGES]
 
 
 def _kit_files():
@@ -67,9 +71,23 @@ def test_make_dry_run_resolves(target):
     assert "No rule to make target" not in proc.stderr
 
 
-def test_every_registered_image_has_a_dockerfile():
-    families = {p.parent.name for p in (REPO / "docker").glob("*/Dockerfile")}
-    assert {m.family for m in REGISTRY.values()} == families
+def test_every_image_target_resolves():
+    """image-, image-smoke-, lock- and push-<image> for every image of docker/images.py, in one dry run."""
+    assert IMAGES, "docker/images.py lists no image"
+    proc = _make("-n", *IMAGE_TARGETS)
+    assert proc.returncode == 0, proc.stderr
+    assert "No rule to make target" not in proc.stderr
+    for image in IMAGES:
+        for verb in ("build", "smoke", "lock", "push"):
+            assert f"container.sh {verb} {image}" in proc.stdout, (verb, image)
+
+
+def test_every_registered_image_is_in_the_image_table():
+    """docker/images.py joins the registry's families to its table and refuses a family it lacks."""
+    proc = subprocess.run(["python3", str(REPO / "docker" / "images.py"), "pairs"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"{m.name}:{m.family}" for m in REGISTRY.values()]
+    assert {m.family for m in REGISTRY.values()} <= set(IMAGES)
 
 
 @pytest.mark.parametrize("method", IMAGE_METHODS)

@@ -1,23 +1,12 @@
-"""Recovery after pruning: what a recipe's `recovery:` block asks for, run on the pruned model in place.
+"""Training after pruning: one stage, `lpc train --kind cpt|kd|sparse|lora` (repro/stages.py runs it).
 
-    report = training.recover(model, tokenizer, {"kind": "lora", ...}, device="cuda", seed=42)
+* `cpt`, `kd`, `sparse`: continued pre-training, logit distillation and sparse retraining of a Hugging
+  Face checkpoint with PyTorch FSDP2 under torchrun (training/engine.py), stateful data
+  (training/data.py), resumable sharded checkpoints (training/checkpoint.py), options declared once
+  (training/options.py).
+* `lora`: LoRA fine-tuning with peft, merged back into the weights (training/lora.py), so the trained
+  checkpoint saves and evaluates like any other.
 
-`lora` (training/lora.py): LoRA fine-tuning with peft, merged back into the weights afterwards, so
-the recovered model saves and evaluates like any other. Continued pre-training and distillation
-(FSDP / MaxText) live beside it and are launched through jobman, not from a reproduction row.
+A recipe row asks for a stage with `train: <spec>`, naming one of its profile's `training:` specs.
 """
 from __future__ import annotations
-
-from methods.errors import UsageError
-
-KINDS = ("lora",)
-
-
-def recover(model, tokenizer, spec: dict, *, device: str = "cpu", seed: int = 0) -> dict:
-    spec = dict(spec)
-    kind = spec.pop("kind", None)
-    if kind == "lora":
-        from training import lora
-
-        return lora.recover(model, tokenizer, spec, device=device, seed=seed)
-    raise UsageError(f"unknown recovery kind {kind!r}; known: {', '.join(KINDS)}")

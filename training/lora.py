@@ -1,5 +1,5 @@
-"""LoRA recovery after pruning: LLM-Pruner's `post_training.py` (spec A 9.5), which Shortened LLaMA's
-`lora_retrain.py` repeats (10.5), as one plain training loop.
+"""LoRA recovery after pruning: LLM-Pruner's `post_training.py`, which Shortened LLaMA's
+`lora_retrain.py` repeats, as one plain training loop (`lpc train --kind lora` runs it as a stage).
 
     report = recover(model, tokenizer, {"data": "alpaca-cleaned", "max_steps": 20}, device="cuda", seed=42)
 
@@ -41,22 +41,22 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Annotated, Dict, Iterator, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
 from methods.errors import UsageError
+from methods.options import declared, method_options, one_line
 
 ALPACA_HUB = "yahma/alpaca-cleaned"
 ALPACA_NAMES = ("alpaca-cleaned", ALPACA_HUB)
 # Offline instruction data for the smoke profile (repro/assets/recovery/README): `data: smoke`.
 SMOKE_INSTRUCTIONS = Path(__file__).resolve().parents[1] / "repro" / "assets" / "recovery" / "smoke_instructions.jsonl"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
-PRECISIONS = ("fp32", "fp16", "bf16")
 IGNORE = -100
 PAD_MULTIPLE = 8
 
@@ -68,67 +68,58 @@ PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
                    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
-@dataclass(frozen=True)
+@method_options
 class LoraRecipe:
-    """A recipe's `recovery:` block (kind: lora); defaults are the paper's command line."""
+    """A LoRA train spec's fields (`lpc train --kind lora`); defaults are the paper's command line."""
 
-    data: str = "alpaca-cleaned"
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: Tuple[str, ...] = TARGETS
-    cutoff_len: int = 256
-    micro_batch_size: int = 4
-    batch_size: int = 64
-    epochs: int = 2
-    lr: float = 1e-4
-    warmup_steps: int = 100
-    val_set_size: int = 2000
-    split_seed: int = 42
-    eval_steps: int = 100
+    data: Annotated[str, Field(min_length=1, description="'alpaca-cleaned', 'smoke' or a JSONL file")] = \
+        "alpaca-cleaned"
+    r: Annotated[int, Field(ge=1, description="LoRA rank")] = 8
+    alpha: Annotated[int, Field(ge=1, description="LoRA alpha (the update is scaled by alpha / r)")] = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    targets: Annotated[Tuple[Annotated[str, Field(min_length=1)], ...],
+                       Field(min_length=1, description="Linear module names that get adapters")] = TARGETS
+    cutoff_len: Annotated[int, Field(ge=1)] = 256
+    micro_batch_size: Annotated[int, Field(ge=1)] = 4
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    epochs: Annotated[int, Field(ge=1)] = 2
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    val_set_size: Annotated[int, Field(ge=0)] = 2000
+    split_seed: Annotated[int, Field(ge=0)] = 42
+    eval_steps: Annotated[int, Field(ge=1)] = 100
     select_best: bool = False
-    max_steps: Optional[int] = None
-    precision: str = "fp32"
+    max_steps: Optional[Annotated[int, Field(ge=1)]] = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     train_on_inputs: bool = False
     add_eos_token: bool = False
-    max_grad_norm: float = 1.0
-    pad_token_id: int = 0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    pad_token_id: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _whole_steps(self) -> "LoraRecipe":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
 
     @classmethod
     def from_spec(cls, spec: dict) -> "LoraRecipe":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(spec) - fields)
+        """The recipe from a mapping (YAML or --option values), or one UsageError line."""
+        fields = declared(cls)
+        unknown = sorted(set(spec) - set(fields))
         if unknown:
-            raise UsageError(f"lora recovery takes no option {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+            raise UsageError(f"lora recovery takes no option {', '.join(unknown)}; known: {', '.join(fields)}")
         values = dict(spec)
-        if "targets" in values:
-            targets = values["targets"]
-            if isinstance(targets, str):
-                targets = [t for t in targets.split(",") if t]
+        targets = values.get("targets")
+        if isinstance(targets, str):
+            values["targets"] = tuple(t for t in targets.split(",") if t)
+        elif isinstance(targets, list):
             values["targets"] = tuple(targets)
-        recipe = cls(**values)
-        recipe.validate()
-        return recipe
-
-    def validate(self) -> None:
-        for name in ("r", "alpha", "cutoff_len", "micro_batch_size", "batch_size", "epochs", "eval_steps"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "val_set_size", "split_seed", "pad_token_id"):
-            _check_int(name, getattr(self, name), minimum=0)
-        if self.max_steps is not None:
-            _check_int("max_steps", self.max_steps, minimum=1)
-        if self.batch_size % self.micro_batch_size:
-            raise UsageError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
-        if not 0 <= float(self.dropout) < 1:
-            raise UsageError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not float(self.lr) > 0:
-            raise UsageError(f"lr must be positive, got {self.lr!r}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise UsageError("targets must name at least one module (e.g. q_proj)")
-        if not isinstance(self.data, str) or not self.data:
-            raise UsageError("data must be 'alpaca-cleaned', 'smoke' or the path of a JSONL file")
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise UsageError(f"lora: {one_line(exc, fields)}") from None
 
     @property
     def accumulation(self) -> int:
@@ -404,9 +395,3 @@ def _strip_peft(model: nn.Module) -> None:
     leftovers = [name for name, m in model.named_modules() if "lora" in type(m).__name__.lower()]
     if leftovers:
         raise RuntimeError(f"LoRA modules left after merge_and_unload: {leftovers[:3]}")
-
-
-def _check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
-

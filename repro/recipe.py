@@ -1,0 +1,184 @@
+"""A method's recipe, `repro/recipes/<method>.yaml`: what to load, how to calibrate and train, the rows.
+
+One profile of a recipe reads:
+
+    model: smoke                     # what every row starts from (a hub id, a directory, or 'smoke')
+    dtype: float32
+    calibration: {spec: smoke, nsamples: 16, seqlen: 256, seed: 0}
+    training:                        # named train specs: `lpc train` options less --model and --out
+      cpt: {kind: cpt, data: smoke, steps: 30, global_batch: 8, micro_batch: 8, seqlen: 256, lr: 3.0e-4}
+      kd: {kind: kd, teacher: dense, ...}      # teacher `dense`: the profile's own unpruned model
+    rows:
+      dense: {}                      # the model itself, evaluated
+      n8: {remove_layers: 8}         # method options: prune, then evaluate
+      n8-cpt: {remove_layers: 8, train: cpt}   # prune, train with spec `cpt`, evaluate
+
+A row is a pipeline of stages (repro/stages.py): prune (every row but the dense one), train (rows
+with `train:`), evaluate. The models below are the schema; a train spec is checked by building the
+very options `lpc train` would run with, so a bad spec fails when the recipe is read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Dict, Optional
+
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+
+from methods.errors import UsageError
+from repro.schema import Model, SchemaError, read_yaml, validate
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DENSE = "dense"
+# A row's key naming its train spec; every other key of a row is a method option.
+TRAIN = "train"
+# A train spec's teacher that means the profile's own (unpruned) model.
+TEACHER_DENSE = "dense"
+# Set by the pipeline for every row: the stage's input and output checkpoints.
+PIPELINE_FIELDS = ("model", "out")
+
+
+class RecipeCalibration(Model):
+    spec: str                        # a dataset spec or file, as `lpc prune --calib` takes it
+    nsamples: Annotated[int, Field(gt=0)]
+    seqlen: Annotated[int, Field(gt=0)]
+    seed: Optional[int] = None
+
+
+_no_options = BeforeValidator(lambda v: {} if v is None else v)
+
+
+class RecipeProfile(Model):
+    """One profile of repro/recipes/<method>.yaml: what to load, how to calibrate and train, the rows."""
+    # Absent keys stay absent (the run's defaults apply): the config is part of every row's fingerprint.
+    model: str
+    revision: Optional[str] = None
+    dtype: Optional[str] = None
+    device: Optional[str] = None
+    batch_size: Optional[Annotated[int, Field(gt=0)]] = None
+    limit: Optional[Annotated[int, Field(gt=0)]] = None   # lm-eval examples per task (smoke runs)
+    calibration: Optional[RecipeCalibration] = None
+    # train spec name -> `lpc train` options less model and out (checked below, as lpc train would)
+    training: Optional[Dict[str, Annotated[Dict[str, Any], _no_options]]] = None
+    table: Optional[str] = None                           # a table file, relative to the recipe
+    # row id -> method options, plus `train: <spec>` ({} for the dense row); methods.make_options checks them
+    rows: Annotated[Dict[str, Annotated[Dict[str, Any], _no_options]], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _training_resolves(self):
+        specs = self.training or {}
+        for name, spec in specs.items():
+            try:
+                train_options(spec, model="<pruned>", out="<trained>", dense=self.model)
+            except UsageError as exc:
+                raise SchemaError(("training", name), str(exc)) from None
+        for row, options in self.rows.items():
+            name = options.get(TRAIN)
+            if name is None:
+                continue
+            if row == DENSE:
+                raise SchemaError(("rows", row, TRAIN), "the dense row evaluates the model itself; train a pruned row")
+            if not isinstance(name, str) or name not in specs:
+                known = ", ".join(specs) or "none (the profile has no `training:` block)"
+                raise SchemaError(("rows", row, TRAIN), f"names no train spec: {name!r} (known: {known})")
+        return self
+
+
+class RecipeFile(Model):
+    method: Optional[str] = None
+    table: Optional[str] = None                           # the table's name (default: the method)
+    profiles: Dict[str, Any]                              # validated one at a time, as a run reads one
+
+
+def train_options(spec: Dict[str, Any], *, model: str, out: str, dense: str):
+    """The `lpc train` options of a train spec for one row: `model` in, `out` out; `teacher: dense`
+    is the profile's model. Refused in one line as `lpc train` would refuse them (LoRA's fields too)."""
+    from methods.options import one_line
+    from training.options import TrainOptions
+
+    taken = [key for key in PIPELINE_FIELDS if key in spec]
+    if taken:
+        raise UsageError(f"{', '.join(taken)} is set by the pipeline (the pruned checkpoint, the row's work "
+                         "folder), not by a train spec")
+    values = {**spec, "model": str(model), "out": str(out)}
+    if values.get("teacher") == TEACHER_DENSE:
+        values["teacher"] = dense
+    try:
+        options = TrainOptions(**values)
+    except ValidationError as exc:
+        raise UsageError(one_line(exc, TrainOptions.model_fields)) from None
+    if options.kind == "lora":
+        from repro.stages import lora_recipe
+
+        lora_recipe(options)
+    return options
+
+
+@dataclass
+class Recipe:
+    method: str
+    profile: str
+    config: dict                     # the profile as written, less rows and table
+    rows: Dict[str, dict]            # row id -> method options and `train` ({} for the dense row)
+    table: Path
+    path: Path                       # the recipe file (jobs submitted elsewhere read it again)
+
+    def options(self, row: str) -> dict:
+        """The method options of a row: everything but its train spec's name."""
+        return {k: v for k, v in self.rows[row].items() if k != TRAIN}
+
+    def train_spec(self, row: str) -> Optional[dict]:
+        name = self.rows[row].get(TRAIN)
+        return None if name is None else self.config["training"][name]
+
+    def train_options(self, row: str, *, model, out):
+        spec = self.train_spec(row)
+        return None if spec is None else train_options(spec, model=str(model), out=str(out), dense=self.config["model"])
+
+    def prune_request(self, row: str, *, out):
+        """The prune stage of a row, as `lpc prune` would be asked for it."""
+        from repro.stages import PruneRequest
+
+        calibration = self.config.get("calibration") or {}
+        return PruneRequest(model=self.config["model"], method=self.method, out=Path(out), options=self.options(row),
+                            calib=calibration.get("spec"), nsamples=calibration.get("nsamples"),
+                            seqlen=calibration.get("seqlen"), seed=self.seed,
+                            dtype=self.config.get("dtype", "float32"), revision=self.config.get("revision"),
+                            device=self.config.get("device"))
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (the calibration seed, as the originals seed their entry points)."""
+        return int((self.config.get("calibration") or {}).get("seed") or 0)
+
+    def fingerprint(self, row: str, metrics: Dict[str, dict]) -> str:
+        """Identity of a row's inputs: a finished result counts only if this still matches.
+
+        The dense row does not depend on the method (only calibration and training are method-specific,
+        and the dense row uses neither), so every method's recipe shares one dense result per profile.
+        A row depends on its own train spec only, not on the others of the profile.
+        """
+        skip = ("training",) if row != DENSE else ("calibration", "training")
+        config = {k: v for k, v in self.config.items() if k not in skip}
+        identity = {"config": config, "options": self.rows[row], "metrics": metrics}
+        if row != DENSE:
+            identity["method"] = self.method
+        if self.train_spec(row) is not None:
+            identity["training"] = self.train_spec(row)
+        blob = json.dumps(identity, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_recipe(method: str, profile: str, path: Optional[Path] = None) -> Recipe:
+    path = Path(path) if path else RECIPES / f"{method}.yaml"
+    if not path.is_file():
+        raise UsageError(f"no recipe for method {method!r} ({path})")
+    data = validate(RecipeFile, read_yaml(path, "recipe") or {}, path.name)
+    if profile not in data.profiles:
+        raise UsageError(f"recipe {path.name} has no profile {profile!r}; it has {', '.join(data.profiles)}")
+    raw = validate(RecipeProfile, data.profiles[profile], f"{path.name}:{profile}")
+    config = raw.model_dump(exclude_unset=True, exclude={"rows", "table"})
+    table = path.parent / (raw.table or f"../tables/{data.table or method}.yaml")
+    return Recipe(data.method or method, profile, config, raw.rows, table.resolve(), path.resolve())
