@@ -20,8 +20,9 @@ language-model cross-entropy plus, per gate set m, mean over its rows of
 lambda1_m (s_m - t_m) + lambda2_m (s_m - t_m)^2, where s_m is the expected sparsity and t_m ramps
 linearly from `start_sparsity` to the target's sparsity over the Lagrangian warm-up. The lambdas
 start at 0 and are trained by gradient ascent (the training engine's `sheared` kind,
-training/engine.py); without a target shape the constraint is on the overall expected sparsity of
-the prunable parameters instead (`target_sparsity`).
+training/engine.py). `Gates` without a target shape (the original's untargeted mode, which its
+golden fixtures cover; the options always name a target) constrain the overall expected sparsity of
+the prunable parameters instead.
 
 Where the gates multiply a Hugging Face Llama (`Masking`, forward hooks): head gates scale each
 head's attention output before o_proj; the layer gate and the hidden gates scale the o_proj and
