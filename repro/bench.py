@@ -14,7 +14,7 @@ bf16 model (`--train-mfu`).
 
     python -m repro.bench --out bench/out/bench.json [--model smoke] [--nsamples 16 --seqlen 256]
     python -m repro.bench --random-llama2-7b --dtype bfloat16 --device cuda   # on a GPU machine
-    python -m repro.bench --methods '' --train-steps 8 --train-batch 4 --train-seqlen 128
+    python -m repro.bench --methods '' --train-steps 3 --train-batch 2 --train-seqlen 128   # training only
 """
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                         help="training throughput: the engine against a bare loop (and the GPU's MFU where CUDA exists)")
     parser.add_argument("--train-model", default="smoke")
-    parser.add_argument("--train-steps", type=int, default=6)
-    parser.add_argument("--train-batch", type=int, default=4, help="sequences per step (one micro-batch)")
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--train-batch", type=int, default=2, help="sequences per step (one micro-batch)")
     parser.add_argument("--train-seqlen", type=int, default=128)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method (or train, train-mfu) here
     parser.add_argument("--maxtext-eval", metavar="MT_DIR",
