@@ -586,9 +586,9 @@ def evaluate(recipe, table, row: str, *, model: str, results_root, cache: Option
     from repro.results import write_json_atomic
 
     config = recipe.config
-    chain = check_chain(recipe, row, model)
     if backend not in EVAL_BACKENDS:
         raise UsageError(f"unknown evaluation backend {backend!r}; known: {', '.join(EVAL_BACKENDS)}")
+    chain = check_chain(recipe, row, model)
     seed_everything(recipe.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
