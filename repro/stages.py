@@ -632,13 +632,13 @@ def evaluate(recipe, table, row: str, *, model: str, results_root, cache: Option
     from repro.results import write_json_atomic
 
     config = recipe.config
-    chain = check_chain(recipe, row, model)
     if backend not in EVAL_BACKENDS:
         raise UsageError(f"unknown evaluation backend {backend!r}; known: {', '.join(EVAL_BACKENDS)}")
     structure = [key for key, m in table.metrics.items() if m.kind == "structure"]
     if backend in NO_STRUCTURE_BACKENDS and structure:
         raise UsageError(f"--backend {backend} cannot measure structure metric {structure[0]!r} (it reads a "
                          "PyTorch model); evaluate this table with --backend hf")
+    chain = check_chain(recipe, row, model)
     seed_everything(recipe.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
