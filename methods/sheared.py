@@ -373,6 +373,7 @@ class Gates(nn.Module):
                    "lambdas": {n: float(p) for n, p in self.lambdas.items()}}
         if self.target is not None:
             out["target_parameters"] = prunable_size(self.target, self.head_dim)
+            out["expected_over_target"] = out["expected_parameters"] / out["target_parameters"]
         return out
 
     @classmethod

@@ -155,14 +155,14 @@ def cmd_prune(args) -> int:
     method = methods.get(args.method)
     options = _method_options(args, method)
     parsed = methods.make_options(method, options)  # validate before any slow loading
+    training = _training_settings(args) if method.trains and getattr(parsed, "trains", True) else None
     given = [name for name in args.train_flags if getattr(args, name) is not None]
-    if method.trains and getattr(parsed, "trains", True):
-        return _prune_by_training(args, method, options)
-    if given:
+    if training is None and given:
         raise UsageError(f"--{given[0].replace('_', '-')} is a training setting; method {args.method!r} does not train")
     request = stages.PruneRequest(model=args.model, method=args.method, out=args.out, options=options,
-                                  calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                                  dtype=args.dtype, revision=args.revision, device=args.device)
+                                  calib=args.calib, nsamples=args.nsamples,
+                                  seqlen=None if training is not None else args.seqlen, seed=args.seed,
+                                  dtype=args.dtype, revision=args.revision, device=args.device, training=training)
     stages.prune(request, overwrite=args.overwrite)
     return 0
 
@@ -194,46 +194,18 @@ NOT_PRUNE_TRAIN_FLAGS = ("model", "kind", "out", "teacher", "kd_temperature", "k
                          "device")
 
 
-def _prune_by_training(args, method, options: dict) -> int:
-    """`lpc prune` for a method whose pruning is a training run: that run (lpc train's kind of the
-    method's name; resumable, on --nproc processes) writes the pruned checkpoint to --out, then
-    prune.json records what it removed."""
-    from repro import stages
-    from repro.provenance import provenance
-    from repro.results import read_json, write_json_atomic
-    from training.options import parse_options
-
-    if args.revision:
-        raise UsageError(f"--revision: method {args.method!r} trains the model as stored; give a local copy "
-                         "of that revision as --model")
+def _training_settings(args) -> dict:
+    """The training run's settings of `lpc prune` for a method whose pruning is one: the training
+    flags given, and --seqlen as its window length."""
     fields = _train_fields()
-    values = {}
+    settings = {}
     for name in args.train_flags:
         value = getattr(args, name)
         if value is not None:
-            values[name] = value if isinstance(value, bool) else _read_value(value, fields[name])
-    device = args.device or "auto"
-    if device.startswith("cuda"):
-        device = "cuda"  # torchrun's local rank picks the GPU
-    values.update(model=args.model, kind=method.name, out=str(args.out), seed=args.seed, recipe=options,
-                  device=device)
+            settings[name] = value if isinstance(value, bool) else _read_value(value, fields[name])
     if args.seqlen is not None:
-        values["seqlen"] = args.seqlen
-    train_options = parse_options(values, where=f"the {method.name} training run")
-    code = stages.train(train_options, overwrite=args.overwrite)
-    if code:
-        return code
-    manifest = read_json(args.out / stages.TRAIN_MANIFEST)
-    report = manifest["prune"]
-    write_json_atomic(args.out / "prune.json", {
-        **report, "model": args.model, "revision": None, "calibration": None, "seed": args.seed,
-        "training": {"manifest": stages.TRAIN_MANIFEST, "fingerprint": manifest["fingerprint"],
-                     "steps": train_options.steps, "tokens": manifest["log"][-1]["tokens"]},
-        "timings_seconds": manifest["seconds"], **provenance(),
-    })
-    summary = "{pruned:,} of {dense:,} parameters kept".format(**report["parameters"])
-    print(f"pruned {args.model} with {args.method}: {summary} -> {args.out}")
-    return 0
+        settings["seqlen"] = args.seqlen
+    return settings
 
 
 def _add_method_flags(prune: argparse.ArgumentParser) -> None:

@@ -14,7 +14,9 @@ One profile of a recipe reads:
       n8-cpt: {remove_layers: 8, train: cpt}   # prune, train with spec `cpt`, evaluate
 
 A row is a pipeline of stages (repro/stages.py): prune (every row but the dense one), train (rows
-with `train:`), evaluate. The models below are the schema; a train spec is checked by building the
+with `train:`), evaluate. A method whose pruning is a training run (Sheared LLaMA) names the train
+spec of that run with `pruning_run: <spec>` (its kind is the method's name; the row's method options
+become the run's own settings): `shear-cpt: {target_shape: 1.3b, pruning_run: shear, train: cpt}`. The models below are the schema; a train spec is checked by building the
 very options `lpc train` would run with, so a bad spec fails when the recipe is read.
 """
 from __future__ import annotations
@@ -32,8 +34,11 @@ from repro.schema import Model, SchemaError, read_yaml, validate
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DENSE = "dense"
-# A row's key naming its train spec; every other key of a row is a method option.
+# A row's key naming its train spec, and the key naming the spec of the training run that is its
+# prune stage (methods whose pruning is a training run); every other key of a row is a method option.
 TRAIN = "train"
+PRUNING_RUN = "pruning_run"
+ROW_STAGE_KEYS = (TRAIN, PRUNING_RUN)
 # A train spec's teacher that means the profile's own (unpruned) model.
 TEACHER_DENSE = "dense"
 # Set by the pipeline for every row: the stage's input and output checkpoints.
@@ -69,9 +74,27 @@ class RecipeProfile(Model):
     @model_validator(mode="after")
     def _training_resolves(self):
         specs = self.training or {}
+        runs: Dict[str, list] = {}   # spec -> the rows whose prune stage it is
+        for row, options in self.rows.items():
+            name = options.get(PRUNING_RUN)
+            if name is None:
+                continue
+            if row == DENSE:
+                raise SchemaError(("rows", row, PRUNING_RUN), "the dense row is not pruned")
+            if not isinstance(name, str) or name not in specs:
+                known = ", ".join(specs) or "none (the profile has no `training:` block)"
+                raise SchemaError(("rows", row, PRUNING_RUN), f"names no train spec: {name!r} (known: {known})")
+            kinds = _pruning_kinds()
+            if specs[name].get("kind") not in kinds:
+                raise SchemaError(("rows", row, PRUNING_RUN), f"spec {name!r} has kind {specs[name].get('kind')!r}; "
+                                  f"a pruning run is of a method that prunes by training ({', '.join(kinds)})")
+            runs.setdefault(name, []).append(row)
         for name, spec in specs.items():
             try:
-                train_options(spec, model="<pruned>", out="<trained>", dense=self.model)
+                # A pruning run's own settings are its rows' method options.
+                for settings in [{k: v for k, v in self.rows[r].items() if k not in ROW_STAGE_KEYS}
+                                 for r in runs.get(name, [])] or [None]:
+                    train_options(spec, model="<pruned>", out="<trained>", dense=self.model, settings=settings)
             except UsageError as exc:
                 raise SchemaError(("training", name), str(exc)) from None
         for row, options in self.rows.items():
@@ -92,9 +115,10 @@ class RecipeFile(Model):
     profiles: Dict[str, Any]                              # validated one at a time, as a run reads one
 
 
-def train_options(spec: Dict[str, Any], *, model: str, out: str, dense: str):
+def train_options(spec: Dict[str, Any], *, model: str, out: str, dense: str, settings: Optional[dict] = None):
     """The `lpc train` options of a train spec for one row: `model` in, `out` out; `teacher: dense`
-    is the profile's model. Refused in one line as `lpc train` would refuse them (LoRA's fields too)."""
+    is the profile's model; `settings`: a pruning run's method options (the run's --option values).
+    Refused in one line as `lpc train` would refuse them (LoRA's fields too)."""
     from methods.options import one_line
     from training.options import TrainOptions
 
@@ -103,6 +127,8 @@ def train_options(spec: Dict[str, Any], *, model: str, out: str, dense: str):
         raise UsageError(f"{', '.join(taken)} is set by the pipeline (the pruned checkpoint, the row's work "
                          "folder), not by a train spec")
     values = {**spec, "model": str(model), "out": str(out)}
+    if settings is not None:
+        values["recipe"] = settings
     if values.get("teacher") == TEACHER_DENSE:
         values["teacher"] = dense
     try:
@@ -126,8 +152,13 @@ class Recipe:
     path: Path                       # the recipe file (jobs submitted elsewhere read it again)
 
     def options(self, row: str) -> dict:
-        """The method options of a row: everything but its train spec's name."""
-        return {k: v for k, v in self.rows[row].items() if k != TRAIN}
+        """The method options of a row: everything but the names of its train specs."""
+        return {k: v for k, v in self.rows[row].items() if k not in ROW_STAGE_KEYS}
+
+    def pruning_run(self, row: str) -> Optional[dict]:
+        """The train spec of the training run that is the row's prune stage, if its method prunes so."""
+        name = self.rows[row].get(PRUNING_RUN)
+        return None if name is None else self.config["training"][name]
 
     def train_spec(self, row: str) -> Optional[dict]:
         name = self.rows[row].get(TRAIN)
@@ -146,7 +177,7 @@ class Recipe:
                             calib=calibration.get("spec"), nsamples=calibration.get("nsamples"),
                             seqlen=calibration.get("seqlen"), seed=self.seed,
                             dtype=self.config.get("dtype", "float32"), revision=self.config.get("revision"),
-                            device=self.config.get("device"))
+                            device=self.config.get("device"), training=self.pruning_run(row))
 
     @property
     def seed(self) -> int:
@@ -167,6 +198,8 @@ class Recipe:
             identity["method"] = self.method
         if self.train_spec(row) is not None:
             identity["training"] = self.train_spec(row)
+        if self.pruning_run(row) is not None:
+            identity["pruning_run"] = self.pruning_run(row)
         blob = json.dumps(identity, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -179,6 +212,34 @@ def load_recipe(method: str, profile: str, path: Optional[Path] = None) -> Recip
     if profile not in data.profiles:
         raise UsageError(f"recipe {path.name} has no profile {profile!r}; it has {', '.join(data.profiles)}")
     raw = validate(RecipeProfile, data.profiles[profile], f"{path.name}:{profile}")
+    _check_pruning_runs(raw, data.method or method, f"{path.name}:{profile}")
     config = raw.model_dump(exclude_unset=True, exclude={"rows", "table"})
     table = path.parent / (raw.table or f"../tables/{data.table or method}.yaml")
     return Recipe(data.method or method, profile, config, raw.rows, table.resolve(), path.resolve())
+
+
+def _pruning_kinds():
+    from methods.registry import REGISTRY
+
+    return [m.name for m in REGISTRY.values() if m.trains]
+
+
+def _check_pruning_runs(profile: RecipeProfile, method: str, where: str) -> None:
+    """`pruning_run` belongs to methods whose pruning is a training run, and names a run of their kind."""
+    import methods
+
+    trains = methods.get(method).trains
+    for row, options in profile.rows.items():
+        name = options.get(PRUNING_RUN)
+        if name is None:
+            if trains and row != DENSE and getattr(methods.make_options(methods.get(method), {
+                    k: v for k, v in options.items() if k not in ROW_STAGE_KEYS}), "trains", True):
+                raise UsageError(f"{where}: rows.{row}: method {method!r} prunes by a training run; name its "
+                                 f"train spec with `{PRUNING_RUN}:`")
+            continue
+        if not trains:
+            raise UsageError(f"{where}: rows.{row}.{PRUNING_RUN}: method {method!r} does not prune by training")
+        kind = profile.training[name].get("kind")
+        if kind != method:
+            raise UsageError(f"{where}: rows.{row}.{PRUNING_RUN}: spec {name!r} has kind {kind!r}; the pruning "
+                             f"run of {method} is kind {method}")

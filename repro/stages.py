@@ -179,10 +179,23 @@ class PruneRequest:
     dtype: str = "float32"
     revision: Optional[str] = None
     device: Optional[str] = None             # where layers are computed; not part of the identity
+    # For a method whose pruning is a training run: that run's `lpc train` settings (less model, out,
+    # kind and the method options, which the request holds); seed and seqlen default to the request's.
+    training: Optional[Dict[str, Any]] = None
 
     def identity(self, needs_calibration: bool) -> Dict[str, object]:
         from repro.models import resolve
 
+        if self.training is not None:
+            # The run decides the result: its settings as `lpc train` reads them (defaults left out,
+            # so writing one out changes nothing) and the content of its data.
+            options = pruning_run_options(self)
+            run = {k: v for k, v in options.fingerprint_fields().items() if k != "model"}
+            data = {"data": data_identity(options.data)}
+            if options.eval_data:
+                data["eval_data"] = data_identity(options.eval_data)
+            return {"model": {**checkpoint_identity(self.model, resolve(self.model)), "revision": self.revision},
+                    "dtype": self.dtype, "method": self.method, "run": run, **data}
         calibration = None
         if needs_calibration:
             calibration = {"spec": self.calib, "nsamples": self.nsamples, "seqlen": self.seqlen,
@@ -209,7 +222,14 @@ def prune(request: PruneRequest, *, overwrite: bool = False, cache: Optional[dic
     from repro import data
 
     method = methods.get(request.method)
-    methods.make_options(method, request.options)  # validate before any slow loading
+    parsed = methods.make_options(method, request.options)  # validate before any slow loading
+    by_training = method.trains and getattr(parsed, "trains", True)
+    if by_training and request.training is None:
+        raise UsageError(f"method {request.method!r} prunes by a training run: give its settings (lpc prune "
+                         "--data ... --steps ... --global-batch ... --micro-batch ... --seqlen ... --lr ...; "
+                         "a recipe row's pruning_run)")
+    if not by_training and request.training is not None:
+        raise UsageError(f"method {request.method!r} does not prune by training; it takes no training settings")
     if method.needs_calibration and not request.calib:
         raise UsageError(f"method {request.method!r} needs --calib")
     out = Path(request.out)
@@ -218,6 +238,8 @@ def prune(request: PruneRequest, *, overwrite: bool = False, cache: Optional[dic
     if done is not None and done.get("fingerprint") == stamp:
         log(f"{out}: pruned already (prune.json matches these inputs)")
         return done
+    if by_training:
+        return _prune_by_training(request, stamp, overwrite=overwrite, log=log)
     if not _empty(out) and not overwrite:
         raise UsageError(f"{out} exists and holds something else; pass --overwrite to replace it")
     tokens = None
@@ -274,6 +296,80 @@ def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) 
     else:
         summary = f"overall sparsity {report['overall_sparsity']:.4f}"
     log(f"pruned {request.model} with {request.method}: {summary} -> {request.out}")
+    return manifest
+
+
+# The training run of a method that prunes by training keeps its train.json under this name in the
+# pruned folder: the folder is a prune stage's output, read as such by the stages after it.
+PRUNING_RUN_MANIFEST = "pruning-run.json"
+
+
+def pruning_run_options(request: PruneRequest) -> TrainOptions:
+    """The `lpc train` options of a prune request's training run: kind = the method, its options as
+    the run's own settings, written into the request's out folder."""
+    from training.options import parse_options
+
+    device = request.device or "auto"
+    values = {"seed": request.seed, **({"seqlen": request.seqlen} if request.seqlen else {}), **request.training,
+              "model": request.model, "out": str(request.out), "kind": request.method, "recipe": request.options,
+              "device": "cuda" if device.startswith("cuda") else device}
+    return parse_options(values, where=f"the {request.method} training run")
+
+
+def _prune_by_training(request: PruneRequest, stamp: str, *, overwrite: bool, log) -> dict:
+    """The prune stage of a method whose pruning is a training run: `lpc train` of the method's kind
+    writes the pruned checkpoint into the out folder (resumable, on --nproc processes), its train.json
+    is kept as pruning-run.json, and prune.json records the method's report beside it."""
+    from repro.provenance import provenance
+    from repro.results import write_json_atomic
+
+    if request.revision:
+        raise UsageError(f"--revision: method {request.method!r} trains the model as stored; give a local "
+                         "copy of that revision as --model")
+    options = pruning_run_options(request)
+    out = Path(request.out)
+    run_stamp = train_identity(options)[0]
+    run = read_manifest(out, PRUNING_RUN_MANIFEST)
+    if run is None or run.get("fingerprint") != run_stamp:
+        if run is not None:  # another run's output: it is stale whatever the flags say
+            if not overwrite:
+                raise UsageError(f"{out} exists and holds something else; pass --overwrite to replace it")
+            shutil.rmtree(out)
+        code = train(options, replace_stale=overwrite, log=log)
+        if code != 0:
+            raise StageFailed(f"the {request.method} training run exited with status {code}; rerun to resume "
+                              f"from its last checkpoint ({out})")
+        os.replace(out / TRAIN_MANIFEST, out / PRUNING_RUN_MANIFEST)
+        run = read_manifest(out, PRUNING_RUN_MANIFEST)
+    report = dict(run["prune"])
+    report.pop("seconds", None)
+    updates = [{k: r[k] for k in ("step", "domain_losses", "proportions")} for r in run["log"] if "proportions" in r]
+    first = None
+    if updates and options.reference_loss:
+        # What dynamic loading did first, per domain in order: the loss excess it saw and the factor
+        # by which the domain's proportion changed (a claim: the largest excess gains weight).
+        total = sum(options.domains.values())
+        names = list(options.domains)
+        excess = [updates[0]["domain_losses"][n] - options.reference_loss[n] for n in names]
+        first = {"step": updates[0]["step"], "domains": names, "excess": excess,
+                 "weight_change": [updates[0]["proportions"][n] / (options.domains[n] / total) for n in names],
+                 "furthest_above_reference": max(range(len(names)), key=excess.__getitem__)}
+    manifest = {
+        **report, "stage": "prune", "fingerprint": stamp, "inputs": request.identity(False),
+        "model": request.model, "revision": None,
+        "resolved_commit": smoke_source() if request.model == "smoke" else None,
+        "dtype": request.dtype, "calibration": None,
+        "pruning_run": {"manifest": PRUNING_RUN_MANIFEST, "fingerprint": run["fingerprint"], "steps": options.steps,
+                        "tokens": run["log"][-1]["tokens"], "world": run.get("world"),
+                        "final": {k: v for k, v in run["log"][-1].items() if k not in ("domain_losses",)},
+                        "proportion_updates": updates, "first_update": first,
+                        "proportions": run.get("proportions")},
+        "timings_seconds": run["seconds"], "peak_rss_mib": (run.get("peak_memory_mib") or {}).get("rss"),
+        **provenance(),
+    }
+    write_json_atomic(out / PRUNE_MANIFEST, manifest)
+    summary = "{pruned:,} of {dense:,} parameters kept".format(**report["parameters"])
+    log(f"pruned {request.model} with {request.method}: {summary} -> {out}")
     return manifest
 
 

@@ -145,6 +145,15 @@ def _prune_command(request: stages.PruneRequest) -> List[str]:
     # JSON is YAML, which `lpc prune` reads option values as: every value keeps its type.
     for key, value in request.options.items():
         args += ["--option", f"{key}={json.dumps(value)}"]
+    if request.training is not None:  # the training run of a method that prunes by one (one node, --nproc)
+        for key, value in stages.pruning_run_options(request).model_dump(
+                exclude_defaults=True, exclude={"model", "out", "kind", "recipe", "device", "seed"}).items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + key.replace("_", "-"))
+            else:
+                args += [flag, json.dumps(value)]
+        args[args.index("--seed") + 1] = str(stages.pruning_run_options(request).seed)
     return args
 
 

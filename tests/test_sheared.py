@@ -330,7 +330,8 @@ def with_domains(args, workspace):
     return args + [a.format(data=workspace / "domains") for a in DOMAINS]
 
 
-def manifest(out: Path, name="train.json"):
+def manifest(out: Path, name="pruning-run.json"):
+    """A prune stage's records: its training run's manifest (default) or prune.json."""
     return json.loads((out / name).read_text())
 
 
@@ -349,8 +350,9 @@ def test_lpc_prune_sheared_trains_folds_and_saves_the_target_shape(workspace, tm
     for name, value in TARGET.items():
         assert getattr(model.config, name) == value
     report = manifest(out, "prune.json")
-    assert report["method"] == "sheared" and report["training"]["steps"] == 6
+    assert report["method"] == "sheared" and report["stage"] == "prune" and report["pruning_run"]["steps"] == 6
     assert report["parameters"]["pruned"] == sum(p.numel() for p in model.parameters())
+    assert not (out / "train.json").exists()   # the folder is a prune stage's: later stages read it as one
     log = manifest(out)["log"]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["lagrangian"]) for r in log)
@@ -358,8 +360,12 @@ def test_lpc_prune_sheared_trains_folds_and_saves_the_target_shape(workspace, tm
     assert log[-1]["expected_sparsity"]["hidden"] > log[0]["expected_sparsity"]["hidden"]
     assert log[-1]["target_sparsity"]["layer"] == pytest.approx(0.25)   # ramped over half of the 6 steps
     assert min(r["lambdas"]["lambda_1_hidden"] for r in log) < 0        # ascent on a sparsity below target
-    # Done means done: the same command finds train.json and only rewrites prune.json.
+    # Done means done: the same command finds prune.json and trains nothing.
+    stamp = report["fingerprint"]
     assert main(prune_args(workspace, out)) == 0
+    assert manifest(out, "prune.json")["fingerprint"] == stamp and manifest(out, "prune.json") == report
+    # Other settings for the same folder are refused without --overwrite.
+    assert main(prune_args(workspace, out, "--lr", "2e-2")) == 2
 
 
 def test_two_processes_shear_like_one(workspace, tmp_path):
@@ -418,7 +424,7 @@ def test_dynamic_loading_in_continued_pretraining_weights_up_the_domain_furthest
             "--steps", "4", "--global-batch", "4", "--micro-batch", "2", "--seqlen", str(SEQLEN), "--lr", "1e-2",
             "--out", str(tmp_path / "cpt")]
     assert main(with_domains(args, workspace)) == 0
-    log = manifest(tmp_path / "cpt")["log"]
+    log = manifest(tmp_path / "cpt", "train.json")["log"]
     update = next(r for r in log if "proportions" in r)
     excess = {d: update["domain_losses"][d] - 4.0 for d in update["domain_losses"]}
     furthest = max(excess, key=excess.get)
@@ -462,3 +468,93 @@ def test_training_flags_are_refused_for_methods_that_do_not_train(capsys):
     assert main(["prune", "--model", "smoke", "--method", "magnitude", "--sparsity-ratio", "0.5", "--steps", "3",
                  "--out", "/nonexistent/out"]) == 2
     assert "--steps is a training setting; method 'magnitude' does not train" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- recipe rows as pipelines
+
+GOLDEN_TARGET = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 6,
+                 "intermediate_size": 88}
+
+
+def write_pipeline(tmp_path: Path, workspace: Path) -> Path:
+    """Sheared on the golden tiny model (MHA, 8 layers): shear, shear + continued pre-training, the
+    random control; perplexity on the golden evaluation rows and the pruned shape."""
+    from tests.conftest import golden_path
+
+    base = {"data": str(workspace / "domains"), "domains": {"easy": 0.5, "noise": 0.25, "mixed": 0.25},
+            "reference_loss": {"easy": 5.0, "noise": 6.5, "mixed": 5.5}, "update_interval": 2, "eval_windows": 4,
+            "global_batch": 4, "micro_batch": 2, "seqlen": SEQLEN, "lr": 1.0e-3, "schedule": "composer",
+            "weight_decay": 0.0, "save_every": 2}
+    recipe = {"method": "sheared", "table": "golden", "profiles": {"golden": {
+        "model": str(golden_path("tiny-llama-mha")), "dtype": "float32", "device": "cpu",
+        "training": {"shear": {"kind": "sheared", "steps": 6, **base}, "cpt": {"kind": "cpt", "steps": 4, **base}},
+        "rows": {"dense": {}, "shear": {"target_shape": GOLDEN_TARGET, "pruning_run": "shear"},
+                 "shear-cpt": {"target_shape": GOLDEN_TARGET, "pruning_run": "shear", "train": "cpt"},
+                 "random": {"target_shape": GOLDEN_TARGET, "random_units": 0}}}}}
+    shape = {"hidden": {"paper": 32}, "layers": {"paper": 6}}
+    table = {"method": "sheared", "profiles": {"golden": {
+        "model": "tiny-llama-mha", "reference": "paper", "ppl_rel": 1e-3,
+        "sources": {"paper": "the target shape"},
+        "metrics": {"ppl": {"kind": "perplexity", "data": str(golden_path("eval.npy")), "protocol": "rows",
+                            "seqlen": 64},
+                    "hidden": {"kind": "structure", "field": "hidden_size"},
+                    "layers": {"kind": "structure", "field": "num_hidden_layers"}},
+        "rows": {"dense": {}, "shear": shape, "shear-cpt": shape, "random": shape}}}}
+    for folder in ("tables", "recipes"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    import yaml
+
+    (tmp_path / "tables" / "golden.yaml").write_text(yaml.safe_dump(table))
+    path = tmp_path / "recipes" / "sheared.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))   # the domains keep their order
+    return path
+
+
+def test_recipe_rows_shear_then_continue_pretraining_then_evaluate(workspace, tmp_path, capsys):
+    from repro.recipe import load_recipe
+    from repro import stages
+
+    recipe_path = write_pipeline(tmp_path, workspace)
+    results = tmp_path / "results"
+    args = ["repro", "sheared", "--profile", "golden", "--recipe", str(recipe_path), "--results-dir", str(results)]
+    assert main(args) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "MISSING" not in out
+    assert out.count("(sheared, 6 steps)") == 1 and out.count("(cpt, 4 steps)") == 1   # shear once, shared
+    assert "the same prune as" in out
+    read = {row: json.loads((results / "golden" / "sheared" / f"{row}.json").read_text())
+            for row in ("shear", "shear-cpt", "random")}
+    for row in read.values():
+        assert row["metrics"]["hidden"] == 32 and row["metrics"]["layers"] == 6
+    assert read["shear"]["prune"]["pruning_run"]["steps"] == 6
+    assert read["shear-cpt"]["prune"]["gates"] == read["shear"]["prune"]["gates"]      # the same shear, shared
+    assert read["shear-cpt"]["training"]["options"]["kind"] == "cpt"
+    assert read["shear-cpt"]["metrics"]["ppl"] != read["shear"]["metrics"]["ppl"]
+    assert "pruning_run" not in read["random"]["prune"]
+    first = read["shear"]["prune"]["pruning_run"]["first_update"]
+    assert first["domains"] == ["easy", "noise", "mixed"] and first["step"] == 2
+    assert first["weight_change"][first["furthest_above_reference"]] > 1
+    # lpc eval's chain check reads the shear folder as the row's prune stage (prune.json, no train.json).
+    recipe = load_recipe("sheared", "golden", recipe_path)
+    trained = results / "golden" / "sheared" / "stages" / "shear-cpt" / "trained"
+    chain = stages.check_chain(recipe, "shear-cpt", str(trained))
+    assert chain["prune"]["method"] == "sheared" and chain["train"]["options"]["kind"] == "cpt"
+
+
+def test_a_pruning_run_names_a_spec_of_the_methods_kind(workspace, tmp_path):
+    import yaml
+
+    from repro.recipe import load_recipe
+
+    path = write_pipeline(tmp_path, workspace)
+    recipe = yaml.safe_load(path.read_text())
+    profile = recipe["profiles"]["golden"]
+    profile["rows"]["shear"]["pruning_run"] = "cpt"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with pytest.raises(UsageError, match="rows.shear.pruning_run: spec 'cpt' has kind 'cpt'; a pruning run is of a "
+                                         "method that prunes by training \\(sheared\\)"):
+        load_recipe("sheared", "golden", path)
+    del profile["rows"]["shear"]["pruning_run"]
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with pytest.raises(UsageError, match="prunes by a training run; name its train spec with `pruning_run:`"):
+        load_recipe("sheared", "golden", path)
