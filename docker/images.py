@@ -114,7 +114,8 @@ IMAGES: Dict[str, Image] = {
         python="3.10", base=CUDA_12_4, local_base="jammy",
         summary="Training stage: lpc train (FSDP2 on GPUs, LoRA) and evaluation (the collection's FMS-FSDP environment)",
         smoke=("lpc train --model smoke --kind lora --data smoke --steps 3 --global-batch 4 --micro-batch 2 "
-               "--seqlen 128 --lr 1e-4 --out %s/smoke/train-lora --overwrite" % RESULTS,)),
+               "--seqlen 128 --lr 1e-4 --option val_set_size=16 --option warmup_steps=1 --option precision=fp32 "
+               "--out %s/smoke/train-lora --overwrite" % RESULTS,)),
     # The TPU image (`maxtext`: python 3.12, jax[tpu], MaxText) joins here as one more entry, with
     # a digest-pinned base that has python 3.12, a local base of the same python, and the lock folder
     # docker/maxtext/.
