@@ -75,15 +75,10 @@ class RecipeProfile(Model):
     def _training_resolves(self):
         specs = self.training or {}
         runs: Dict[str, list] = {}   # spec -> the rows whose prune stage it is
-        for row, options in self.rows.items():
-            name = options.get(PRUNING_RUN)
+        for row in self.rows:
+            name = self._spec_named(row, PRUNING_RUN, "the dense row is not pruned")
             if name is None:
                 continue
-            if row == DENSE:
-                raise SchemaError(("rows", row, PRUNING_RUN), "the dense row is not pruned")
-            if not isinstance(name, str) or name not in specs:
-                known = ", ".join(specs) or "none (the profile has no `training:` block)"
-                raise SchemaError(("rows", row, PRUNING_RUN), f"names no train spec: {name!r} (known: {known})")
             kinds = _pruning_kinds()
             if specs[name].get("kind") not in kinds:
                 raise SchemaError(("rows", row, PRUNING_RUN), f"spec {name!r} has kind {specs[name].get('kind')!r}; "
@@ -97,16 +92,22 @@ class RecipeProfile(Model):
                     train_options(spec, model="<pruned>", out="<trained>", dense=self.model, settings=settings)
             except UsageError as exc:
                 raise SchemaError(("training", name), str(exc)) from None
-        for row, options in self.rows.items():
-            name = options.get(TRAIN)
-            if name is None:
-                continue
-            if row == DENSE:
-                raise SchemaError(("rows", row, TRAIN), "the dense row evaluates the model itself; train a pruned row")
-            if not isinstance(name, str) or name not in specs:
-                known = ", ".join(specs) or "none (the profile has no `training:` block)"
-                raise SchemaError(("rows", row, TRAIN), f"names no train spec: {name!r} (known: {known})")
+        for row in self.rows:
+            self._spec_named(row, TRAIN, "the dense row evaluates the model itself; train a pruned row")
         return self
+
+    def _spec_named(self, row: str, key: str, dense_refusal: str) -> Optional[str]:
+        """The train spec a row names under `key` (None when it names none), or the one-line refusal."""
+        name = self.rows[row].get(key)
+        if name is None:
+            return None
+        if row == DENSE:
+            raise SchemaError(("rows", row, key), dense_refusal)
+        specs = self.training or {}
+        if not isinstance(name, str) or name not in specs:
+            known = ", ".join(specs) or "none (the profile has no `training:` block)"
+            raise SchemaError(("rows", row, key), f"names no train spec: {name!r} (known: {known})")
+        return name
 
 
 class RecipeFile(Model):

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,31 @@ def manifest_runs(pattern: str):
         for model, model_runs in data["results"].items():
             for name, run in model_runs.items():
                 yield model, name, run, npz[0] if npz else None
+
+
+# ----------------------------------------------------------------------------- lpc in a subprocess
+
+def lpc_env(**extra) -> dict:
+    """The environment of an `lpc` subprocess: this checkout's code, no hub, one thread."""
+    return dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
+
+
+def lpc(*args: str, env=None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=REPO, env=env or lpc_env(),
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def kill_lpc_at(args, marker: str, env=None, timeout: int = 300) -> str:
+    """Run `lpc` and SIGKILL its whole process group (torchrun's workers too) once `marker` appears
+    on its output; return what it printed."""
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "repro.cli", *args], cwd=REPO, env=env or lpc_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for text in proc.stdout:
+        seen.append(text)
+        if marker in text:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    return "".join(seen)

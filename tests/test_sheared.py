@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +17,7 @@ import methods
 from methods import sheared
 from methods.errors import UsageError
 from repro.cli import main
-from tests.conftest import REPO, tiny_llama
+from tests.conftest import kill_lpc_at, lpc, tiny_llama
 from training import data as train_data
 from training.engine import lr_at
 from training.options import TrainOptions
@@ -335,12 +331,6 @@ def manifest(out: Path, name="pruning-run.json"):
     return json.loads((out / name).read_text())
 
 
-def lpc(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600, **kwargs)
-
-
 def test_lpc_prune_sheared_trains_folds_and_saves_the_target_shape(workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -383,26 +373,12 @@ def test_two_processes_shear_like_one(workspace, tmp_path):
         "hidden_kept"]
 
 
-def _killed_at(args, line: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "repro.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
-    for text in proc.stdout:
-        seen.append(text)
-        if line in text:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
-
-
 def test_kill_minus_nine_and_rerun_shears_like_an_uninterrupted_run(workspace, tmp_path):
     steps = 6
     whole = with_domains(prune_args(workspace, tmp_path / "whole", "--save-every", "2", steps=steps), workspace)
     assert main(whole) == 0
     cut = with_domains(prune_args(workspace, tmp_path / "cut", "--save-every", "2", steps=steps), workspace)
-    _killed_at(cut, f"step 4/{steps}")    # after the step-2 checkpoint (gates, proportions, data state)
+    kill_lpc_at(cut, f"step 4/{steps}")    # after the step-2 checkpoint (gates, proportions, data state)
     proc = lpc(*cut)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming at step" in proc.stdout

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ import pytest
 import yaml
 
 from repro.cli import main
-from tests.conftest import REPO, golden_path
+from tests.conftest import REPO, golden_path, kill_lpc_at, lpc_env
+from tests.jobman.conftest import kill_leftover_jobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,10 +56,6 @@ def write_recipe(tmp_path: Path, *, data=None, steps: int = 8, rows=None) -> Pat
 def repro_args(recipe: Path, results: Path, *extra: str):
     return ["repro", "magnitude", "--profile", "golden", "--recipe", str(recipe), "--results-dir", str(results),
             *extra]
-
-
-def lpc_env(**extra):
-    return dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
 
 
 def result(results: Path, row: str) -> dict:
@@ -144,21 +140,6 @@ def test_lpc_prune_skips_a_finished_prune_and_refuses_to_mix_runs(tmp_path, caps
     assert json.loads((out / "prune.json").read_text())["inputs"]["options"] == {"sparsity_ratio": 0.4}
 
 
-def _run_until(args, marker: str, env) -> str:
-    """Run `lpc` and SIGKILL its whole process group once `marker` appears on its output."""
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "repro.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
-    for text in proc.stdout:
-        seen.append(text)
-        if marker in text:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
-    return "".join(seen)
-
-
 def test_a_pipeline_killed_between_and_inside_stages_resumes_and_redoes_nothing(tmp_path):
     steps = 12
     recipe = write_recipe(tmp_path, steps=steps, rows={"dense": {}, "2of4-sparse": {"sparsity_type": "2:4",
@@ -171,10 +152,10 @@ def test_a_pipeline_killed_between_and_inside_stages_resumes_and_redoes_nothing(
     env = lpc_env()
 
     # Killed right after the prune stage: the rerun finds it done.
-    _run_until(args, "pruned ", env)
+    kill_lpc_at(args, "pruned ", env)
     pruned = (folder / "pruned" / "prune.json").stat().st_mtime_ns
     # Killed inside training, after a checkpoint: the rerun resumes there.
-    out = _run_until(args, f"step 7/{steps}", env)
+    out = kill_lpc_at(args, f"step 7/{steps}", env)
     assert "pruned already" in out
     assert (folder / "trained" / "checkpoints").is_dir()
     rerun = subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=REPO, env=env, capture_output=True,
@@ -268,28 +249,7 @@ def jobman_home(tmp_path, monkeypatch):
     for key, value in lpc_env().items():
         monkeypatch.setenv(key, value)
     yield home
-    _stop_jobs(home)
-
-
-def _stop_jobs(home: Path) -> None:
-    """Kill whatever a failed test left running (our jobs only, by their recorded process ids)."""
-    import sqlite3
-
-    from jobman import proc
-
-    db = home / "jobman.db"
-    if not db.exists():
-        return
-    conn = sqlite3.connect(str(db), timeout=30)
-    try:
-        for pid, start in conn.execute("SELECT pid, pid_start FROM attempts WHERE end_time IS NULL"):
-            proc.signal_group(pid, start, signal.SIGKILL)
-        for pid, start in conn.execute("SELECT runner_pid, runner_start FROM jobs WHERE state IN "
-                                       "('PENDING','RUNNING','RECOVERING')"):
-            if pid and pid != os.getpid():
-                proc.signal_group(pid, start, signal.SIGKILL)
-    finally:
-        conn.close()
+    kill_leftover_jobs(home)
 
 
 def _states(home: Path) -> dict:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ import pytest
 import torch
 
 from repro.cli import main
-from tests.conftest import REPO, tiny_llama
+from tests.conftest import kill_lpc_at, lpc, lpc_env, tiny_llama
 from training import data as train_data
 from training.engine import lr_at
 from training.options import TrainOptions
@@ -50,12 +47,6 @@ def train_args(workspace: Path, out: Path, *extra: str, steps: int = 6, global_b
 
 def losses(out: Path):
     return [record["loss"] for record in json.loads((out / "train.json").read_text())["log"]]
-
-
-def lpc(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600, **kwargs)
 
 
 def test_schedule_is_the_collections_formula():
@@ -92,26 +83,11 @@ def test_accumulating_four_micro_batches_equals_one_batch_of_four(workspace, tmp
     assert np.allclose(losses(tmp_path / "acc"), losses(tmp_path / "big"), rtol=1e-5, atol=0)
 
 
-def _killed_at(args, line: str) -> None:
-    """Run `lpc train` and SIGKILL its process group once `line` appears on its output."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "repro.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
-    for text in proc.stdout:
-        seen.append(text)
-        if line in text:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
-
-
 def test_kill_minus_nine_and_rerun_continues_like_an_uninterrupted_run(workspace, tmp_path):
     steps = 8
     assert main(train_args(workspace, tmp_path / "whole", "--save-every", "2", steps=steps)) == 0
     args = train_args(workspace, tmp_path / "cut", "--save-every", "2", steps=steps)
-    _killed_at(args, f"step 5/{steps}")   # after the step-4 checkpoint, mid-way to the next
+    kill_lpc_at(args, f"step 5/{steps}")   # after the step-4 checkpoint, mid-way to the next
     assert not (tmp_path / "cut" / "train.json").exists()
     proc = lpc(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,10 +110,7 @@ def test_kill_minus_nine_and_rerun_continues_like_an_uninterrupted_run(workspace
 def test_a_save_killed_half_way_is_ignored_on_resume(workspace, tmp_path):
     args = train_args(workspace, tmp_path / "out", "--save-every", "2", steps=4)
     # The first save (step 2) dies after writing its shards, before it is marked complete.
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               LPC_TRAIN_TEST_KILL="checkpoint-written")
-    proc = subprocess.run([sys.executable, "-m", "repro.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = lpc(*args, env=lpc_env(LPC_TRAIN_TEST_KILL="checkpoint-written"))
     assert proc.returncode == -signal.SIGKILL
     partial = list((tmp_path / "out" / "checkpoints").iterdir())
     assert [p.name for p in partial] == ["step_00000002.partial"]

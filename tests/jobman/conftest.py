@@ -27,10 +27,10 @@ def jm_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO) + (os.pathsep + pp if pp else ""))
     monkeypatch.chdir(tmp_path)
     yield home
-    _kill_leftovers(home)
+    kill_leftover_jobs(home)
 
 
-def _kill_leftovers(home: Path) -> None:
+def kill_leftover_jobs(home: Path) -> None:
     """Stop any runner or job process a failed test left behind (only ours, by recorded pid)."""
     import sqlite3
     import signal
