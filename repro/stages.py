@@ -559,6 +559,7 @@ def lora_recipe(options: TrainOptions):
 
 def _train_lora(options: TrainOptions, model_path: str, tokenizer, inputs: dict, stamp: str, log) -> int:
     """LoRA recovery (training/lora.py) as a stage: the flags map onto the recipe's fields."""
+    from methods.anatomy import compute_device
     from repro.models import load_model
     from repro.provenance import provenance
     from training import lora
@@ -567,7 +568,7 @@ def _train_lora(options: TrainOptions, model_path: str, tokenizer, inputs: dict,
     # The base weights stay in the dtype they were saved in (fp16 for the papers' LLaMA rows);
     # only the adapters train in fp32.
     model, _ = load_model(model_path, dtype=_stored_dtype(model_path), load_tokenizer=False)
-    device = options.device if options.device != "auto" else ("cuda" if _cuda() else "cpu")
+    device = str(compute_device(None if options.device == "auto" else options.device))
     report = lora.recover(model, tokenizer, spec, device=device, seed=options.seed)
     manifest = {"stage": "train", "fingerprint": stamp, "options": options.model_dump(), "inputs": inputs,
                 **report, "lineage": lineage(model_path), "provenance": provenance()}
@@ -583,12 +584,6 @@ def _stored_dtype(path: str) -> str:
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(value).replace("torch.", "") if value is not None else "float32"
     return name if name in DTYPES else "float32"
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _config(path: str, flag: str):

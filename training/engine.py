@@ -297,8 +297,7 @@ def domain_losses(model: nn.Module, stream, run: Run, micro_batch: int, shearing
             for k in range(passes):
                 chunk = mine[k * micro_batch:(k + 1) * micro_batch]
                 ids = torch.stack([windows[i] for i in chunk or [0]]).to(run.device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+                loss = lm_loss(model(input_ids=ids, use_cache=False).logits, ids, reduction="sum")
                 if chunk:
                     sums[d, 0] += loss.double()
                     sums[d, 1] += ids[:, 1:].numel()
@@ -306,10 +305,10 @@ def domain_losses(model: nn.Module, stream, run: Run, micro_batch: int, shearing
     return (sums[:, 0] / sums[:, 1]).tolist()
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every position, logits in fp32."""
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over every position (mean, or "sum"), logits in fp32."""
     logits = logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction=reduction)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, *, temperature: float,
