@@ -32,18 +32,18 @@ class MissingGolden(str):
     """A parameter standing in for golden fixtures that are not there; a test given it fails."""
 
 
-def golden_manifests(pattern: str):
-    """The manifests under the golden folder's expected/ that match `pattern`, sorted."""
-    return sorted((GOLDEN / "expected").glob(pattern))
+def golden_manifests(pattern: str, folder: str = "expected"):
+    """The manifests under the golden folder's `folder` that match `pattern`, sorted."""
+    return sorted((GOLDEN / folder).glob(pattern))
 
 
-def golden_params(cases, pattern: str) -> list:
+def golden_params(cases, pattern: str, folder: str = "expected") -> list:
     """Parameters of a golden test: `cases`, read from the manifests matching `pattern`. Where no
     manifest matches (the fixture folder is missing or incomplete), one case that fails instead:
     an empty parameter set would only be reported as skipped."""
-    if golden_manifests(pattern):
+    if golden_manifests(pattern, folder):
         return list(cases)
-    return [pytest.param(MissingGolden(f"no golden manifest {pattern} under {GOLDEN / 'expected'} (set LPC_GOLDEN)"),
+    return [pytest.param(MissingGolden(f"no golden manifest {pattern} under {GOLDEN / folder} (set LPC_GOLDEN)"),
                          id="golden-fixtures-missing")]
 
 

@@ -20,7 +20,7 @@ import torch
 import methods
 from methods import sheared
 from repro.models import dtype_kwarg
-from tests.conftest import GOLDEN, golden_path
+from tests.conftest import GOLDEN, golden_manifests, golden_params, golden_path
 from training.data import update_proportions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,12 +34,15 @@ COMPOSER_NAMES = {"wte": "model.embed_tokens", "ln_f": "model.norm", "output": "
 ZS_KEYS = {"head": "head_z", "intermediate": "intermediate_z", "layer": "mlp_z", "hidden": "hidden_z"}
 
 
+PATTERN = "sheared_manifest__*.json"
+
+
 def _manifests():
-    found = sorted((GOLDEN / "sheared").glob("sheared_manifest__*.json"))
-    return [json.loads(p.read_text()) for p in found]
+    return [json.loads(p.read_text()) for p in golden_manifests(PATTERN, "sheared")]
 
 
 MANIFESTS = _manifests()
+CASES = golden_params(MANIFESTS, PATTERN, "sheared")
 
 
 def test_manifests_are_found():
@@ -125,7 +128,7 @@ def _assert_zs(zs: sheared.Zs, arrays, prefix):
 
 # ----------------------------------------------------------------------------- gate maths
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids)
+@pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_gate_maths(manifest):
     arrays = _npz(manifest, "sheared_l0__")
     model = _model(manifest)
@@ -155,7 +158,7 @@ def test_gate_maths(manifest):
     _assert_zs(gates.deterministic(target=False), arrays, "zs_eval_current")
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids)
+@pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_untargeted_gate_maths(manifest):
     arrays = _npz(manifest, "sheared_l0__")
     gates = _gates(manifest, _model(manifest), targeted=False)
@@ -183,7 +186,7 @@ def _ce(logits, ids):
     return float(lm_loss(logits, ids))
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids)
+@pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_masked_forward(manifest):
     forward = _npz(manifest, "sheared_forward__")
     model = _model(manifest)
@@ -212,7 +215,7 @@ def test_masked_forward(manifest):
             assert ce + lag == pytest.approx(float(forward[f"{mode}/total/step{step}"]), rel=REL)
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids)
+@pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_gradients_of_the_objective(manifest):
     from training.engine import lm_loss
 
@@ -242,7 +245,7 @@ def test_gradients_of_the_objective(manifest):
 
 # ----------------------------------------------------------------------------- fold and removal
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids)
+@pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_fold_and_removal(manifest, tmp_path):
     pruned = _npz(manifest, "sheared_prune__")
     model = _model(manifest)
@@ -285,7 +288,7 @@ def test_fold_and_removal(manifest, tmp_path):
     assert _ce(logits, ids) == pytest.approx(float(pruned["ce_loss/pruned_target_model"]), rel=REL)
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids)
+@pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_the_corrected_lm_head_fold_gives_the_masked_models_logits(manifest):
     forward = _npz(manifest, "sheared_forward__")
     model = _model(manifest)
@@ -298,7 +301,7 @@ def test_the_corrected_lm_head_fold_gives_the_masked_models_logits(manifest):
 
 # ----------------------------------------------------------------------------- dynamic batch loading
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids)
+@pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_proportion_updates(manifest):
     dyn = manifest["config"]["dynload"]
     arrays = _npz(manifest, "sheared_dynload__")
@@ -317,7 +320,7 @@ def test_proportion_updates(manifest):
             _close(current, arrays[f"{rule}/chain/step{j}"])
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=_ids)
+@pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_the_papers_clipped_rule_ignores_losses_below_the_reference(manifest):
     dyn = manifest["config"]["dynload"]
     initial, reference = dyn["proportion"], dyn["target_loss"]
