@@ -574,3 +574,13 @@ def test_a_submitted_prune_job_asks_for_the_rows_own_shearing_run(workspace, tmp
     assert main(command) == 0
     assert stages.prune_fingerprint(asked[0]) == stages.prune_fingerprint(request)
     assert stages.pruning_run_options(asked[0]) == stages.pruning_run_options(request)
+
+
+def test_activation_checkpointing_recomputes_the_same_masked_forward(workspace, tmp_path):
+    """The gates' hooks run again in the recomputed forward with the micro-batch's own draw."""
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    assert main(prune_args(workspace, plain, steps=3)) == 0
+    assert main(prune_args(workspace, recomputed, "--activation-checkpointing", steps=3)) == 0
+    a, b = manifest(plain)["log"], manifest(recomputed)["log"]
+    for key in ("loss", "lagrangian", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, atol=1e-7)
