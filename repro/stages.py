@@ -703,9 +703,11 @@ def check_chain(recipe, row: str, model: str) -> Dict[str, dict]:
             raise UsageError(f"{model} holds no train.json: row {where} trains with spec "
                              f"{recipe.rows[row]['train']!r} before it is evaluated")
         done = chain["train"]
-        keys = set(wanted.fingerprint_fields()) - {"model"}
-        ours = {k: v for k, v in wanted.fingerprint_fields().items() if k in keys}
-        theirs = {k: v for k, v in done["options"].items() if k in keys}
+        ours = {k: v for k, v in wanted.fingerprint_fields().items() if k != "model"}
+        try:  # both read as lpc train reads them: a field at its default counts whether written or not
+            theirs = {k: v for k, v in TrainOptions(**done["options"]).fingerprint_fields().items() if k != "model"}
+        except ValueError:
+            theirs = None
         if ours != theirs or done["inputs"]["model"].get("fingerprint") != expected:
             raise UsageError(f"{model} was not trained as row {where} prescribes (its train.json options or "
                              "input model differ); rerun the row's train stage")

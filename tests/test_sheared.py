@@ -534,3 +534,29 @@ def test_a_pruning_run_names_a_spec_of_the_methods_kind(workspace, tmp_path):
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     with pytest.raises(UsageError, match="prunes by a training run; name its train spec with `pruning_run:`"):
         load_recipe("sheared", "golden", path)
+
+
+def test_a_submitted_prune_job_asks_for_the_rows_own_shearing_run(workspace, tmp_path, monkeypatch):
+    """`lpc repro --submit` runs a row's prune stage as an `lpc prune` job: that command must ask for
+    the very run (same fingerprint) the pipeline and `lpc eval` expect of the row."""
+    from repro import stages, submit
+    from repro.recipe import load_recipe
+
+    recipe = load_recipe("sheared", "golden", write_pipeline(tmp_path, workspace))
+    request = recipe.prune_request("shear-cpt", out=tmp_path / "pruned")
+    command = submit._prune_command(request)
+    asked = []
+    monkeypatch.setattr(stages, "prune", lambda r, **_: asked.append(r))
+    assert main(command) == 0
+    assert stages.prune_fingerprint(asked[0]) == stages.prune_fingerprint(request)
+    assert stages.pruning_run_options(asked[0]) == stages.pruning_run_options(request)
+
+
+def test_activation_checkpointing_recomputes_the_same_masked_forward(workspace, tmp_path):
+    """The gates' hooks run again in the recomputed forward with the micro-batch's own draw."""
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    assert main(prune_args(workspace, plain, steps=3)) == 0
+    assert main(prune_args(workspace, recomputed, "--activation-checkpointing", steps=3)) == 0
+    a, b = manifest(plain)["log"], manifest(recomputed)["log"]
+    for key in ("loss", "lagrangian", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, atol=1e-7)
