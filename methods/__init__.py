@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from pydantic import ValidationError
 from torch import nn
 
+from methods import calibration
 from methods.anatomy import check_llama_like, compute_device, overall_sparsity, sparsity_by_module
 from methods.errors import UsageError
 from methods.options import declared, one_line
@@ -43,13 +44,16 @@ def make_options(method: Method, values: Dict[str, Any]):
 
 
 def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
-          device: Optional[str] = None, tokenizer: Any = None, state: Any = None, **options: Any) -> dict:
+          device: Optional[str] = None, tokenizer: Any = None, state: Any = None,
+          calib_batch: Union[int, str] = 1, **options: Any) -> dict:
     """Prune `model` in place with method `name`; return the report that goes into prune.json.
 
     Structured methods report, per dense layer, the kept unit indices (`layers[i].heads_kept`,
     `kv_heads_kept`, `mlp_channels_kept`), `hidden_kept`, `layers_removed` and the `scores` they
     ranked; the model's config is re-synced to the pruned shapes (methods/surgery.py).
     A method whose pruning is a training run (`Method.trains`) folds that run's learned `state`.
+    `calib_batch` (an int or "auto") is how many calibration samples the layer-by-layer engine feeds
+    per call (methods/calibration.py); 1, the default, reproduces the originals exactly.
     """
     from methods import surgery
 
@@ -58,6 +62,11 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
     check_llama_like(model)
     if method.needs_calibration:
         _check_calibration(calib, model)
+    calib_batch = calibration.parse_batch(calib_batch)
+    if calib_batch != 1 and not method.batched_calibration:
+        batched = ", ".join(m.name for m in REGISTRY.values() if m.batched_calibration)
+        raise UsageError(f"method {name!r} gathers its calibration statistics one sample at a time; "
+                         f"a calibration batch applies to {batched} only")
     compute = compute_device(device)
     model.eval()
     dense_parameters = surgery.count_parameters(model)
@@ -65,9 +74,12 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
     if method.trains:
         extra["state"] = state   # what the method's training run learned; the method says when it needs it
     start = time.perf_counter()
-    report = method.run(model, None if calib is None else calib.long(), opts, compute, **extra)
+    with calibration.calibration_batch(calib_batch) as batching:
+        report = method.run(model, None if calib is None else calib.long(), opts, compute, **extra)
     seconds = time.perf_counter() - start
     report.update({"method": name, "options": dataclasses.asdict(opts), "device": str(compute)})
+    if batching.used is not None:
+        report["calib_batch"] = {"requested": batching.requested, "used": batching.used}
     if method.structured:
         surgery.sync_config(model)
         pruned = surgery.count_parameters(model)

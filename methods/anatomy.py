@@ -5,7 +5,8 @@ architecture with the same parts (Mistral, Qwen2, ...) is a change here, not in 
 """
 from __future__ import annotations
 
-from typing import Dict
+import os
+from typing import Dict, Union
 
 import torch
 from torch import nn
@@ -65,6 +66,32 @@ def _layers_prefix(model: nn.Module) -> str:
         if module is layers:
             return name
     raise AssertionError("decoder layers not found among the model's modules")
+
+
+def parse_batch_size(what: str, value: Union[int, str]) -> Union[int, str]:
+    """A batch size as a user gives it (an int, its text, or "auto"); anything else is one UsageError line."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
+        raise UsageError(f"{what} must be a positive integer or 'auto', got {value!r}")
+    return number
+
+
+def batch_that_fits(per_item_bytes: int, count: int, device: torch.device, fraction: float = 0.25) -> int:
+    """How many items of `per_item_bytes` working memory fit in `fraction` of what `device` has free
+    (at least 1, at most `count`): the rule behind every "auto" batch size of the kit."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # no sysconf: assume a modest machine
+            free = 2**30
+    return max(1, min(count, int(fraction * free) // max(1, per_item_bytes)))
 
 
 def compute_device(preferred: str | None = None) -> torch.device:

@@ -11,39 +11,83 @@ keeps the engine working from transformers 4.43 to 5.x and for grouped-query att
 layer at a time is what lets a model larger than the GPU be pruned.
 
 All samples share one set of arguments, as in the originals: they have equal length and no padding,
-so masks, positions and rotary tables are the same for every sample.
+so masks, positions and rotary tables are the same for every sample, and the batch-1 arguments
+recorded from the first sample broadcast over a chunk of several.
+
+Batch size. By default every sample goes through a layer alone, as the original implementations feed
+them: that order of float operations is what reproduces their masks bit for bit (tests/test_golden_*).
+`calibration_batch(n)` (the CLI's `--calib-batch N|auto`) lets the engine push chunks of `n` samples
+through each layer in one call instead, or as many as fit a memory budget ("auto"): the same
+arithmetic in a different rounding order, so masks agree with the default path within the golden
+bands rather than exactly. Only statistics that are sums over samples may be gathered in chunks (the
+registry's `batched_calibration`); FLAP's running fluctuation is not one.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Optional, Tuple
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from methods.anatomy import decoder_layers, linear_layers
+from methods.anatomy import batch_that_fits, decoder_layers, linear_layers, parse_batch_size
 
 
 class _Captured(Exception):
     """Raised by a hook to stop a forward once the inputs it needed have been recorded."""
 
 
+@dataclass
+class Batching:
+    """How many samples go through a layer per call: asked (an int or "auto") and used (an int)."""
+
+    requested: Union[int, str] = 1
+    used: Optional[int] = None
+
+
+_BATCHING: contextvars.ContextVar[Optional[Batching]] = contextvars.ContextVar("calibration_batching", default=None)
+
+
+def parse_batch(value: Union[int, str]) -> Union[int, str]:
+    """`--calib-batch` as given: a positive integer or "auto"; anything else is one UsageError line."""
+    return parse_batch_size("calibration batch", value)
+
+
+@contextlib.contextmanager
+def calibration_batch(value: Union[int, str]) -> Iterator[Batching]:
+    """Within this block the engine feeds `value` samples per layer call; the yielded record says
+    how many it used once a method has run."""
+    batching = Batching(parse_batch(value))
+    token = _BATCHING.set(batching)
+    try:
+        yield batching
+    finally:
+        _BATCHING.reset(token)
+
+
 class LayerInputs:
     """Hidden states entering the current decoder layer, one row per calibration sample."""
 
-    def __init__(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+    def __init__(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any], batch: int = 1):
         self.hidden = hidden          # [nsamples, seqlen, hidden_size], model dtype, compute device
         self.args = args              # positional arguments after hidden_states (usually none)
         self.kwargs = kwargs          # keyword arguments the model passed to its decoder layers
+        self.batch = batch            # samples per layer call
+
+    def chunks(self) -> Iterator[slice]:
+        for first in range(0, self.hidden.shape[0], self.batch):
+            yield slice(first, first + self.batch)
 
     def advance(self, layer: nn.Module) -> None:
-        """Feed every sample through `layer` (batch size 1, as the originals do) and keep the outputs:
-        they are the next layer's inputs."""
-        for index in range(self.hidden.shape[0]):
-            out = layer(self.hidden[index:index + 1], *self.args, **self.kwargs)
+        """Feed every sample through `layer` (`batch` at a time) and keep the outputs: they are the
+        next layer's inputs."""
+        for rows in self.chunks():
+            out = layer(self.hidden[rows], *self.args, **self.kwargs)
             # transformers < 4.48 returns a tuple, newer versions the tensor itself.
             out = out[0] if isinstance(out, (tuple, list)) else out
-            self.hidden[index] = out.reshape(self.hidden.shape[1:])
+            self.hidden[rows] = out.reshape(self.hidden[rows].shape)
 
 
 def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, device: torch.device) -> LayerInputs:
@@ -103,6 +147,8 @@ def sequential_layers(model: nn.Module, calib: torch.Tensor, device: torch.devic
     """
     with torch.no_grad():
         inputs = capture_layer_inputs(model, calib, device)
+    batching = _BATCHING.get() or Batching()
+    inputs.batch = batching.used = resolve_batch(batching.requested, model, calib, device)
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):
         home = _device_of(layer)
@@ -131,12 +177,25 @@ def gather_inputs(layer: nn.Module, inputs: LayerInputs, collect: Dict[str, Call
     handles.append(modules[list(modules)[-1]].register_forward_pre_hook(_stop))
     try:
         with torch.no_grad():
-            for index in range(inputs.hidden.shape[0]):
+            for rows in inputs.chunks():
                 with contextlib.suppress(_Captured):
-                    layer(inputs.hidden[index:index + 1], *inputs.args, **inputs.kwargs)
+                    layer(inputs.hidden[rows], *inputs.args, **inputs.kwargs)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def resolve_batch(requested: Union[int, str], model: nn.Module, calib: torch.Tensor, device: torch.device) -> int:
+    """The samples per layer call: `requested` capped at the sample count, or for "auto" as many as
+    keep one chunk's activations inside a decoder layer under a quarter of the free memory."""
+    nsamples, seqlen = calib.shape
+    if requested != "auto":
+        return min(int(requested), nsamples)
+    config = model.config
+    # Per sample, the largest live set inside a Llama block: the residual and normed hidden states,
+    # q/k/v/o, the three MLP activations and one attention score matrix per head (eager attention).
+    elements = seqlen * (6 * config.hidden_size + 3 * config.intermediate_size + config.num_attention_heads * seqlen)
+    return batch_that_fits(elements * next(model.parameters()).element_size(), nsamples, device)
 
 
 def _stop(_module, _args):

@@ -27,6 +27,9 @@ class Method:
     # Its pruning is a training run (the engine's train kind of the same name): prune() gets what the
     # run learned as `state` and folds it; `lpc prune` runs the training first.
     trains: bool = False
+    # Its calibration statistics are sums over samples, so the engine may feed samples in chunks
+    # (`--calib-batch`); the default batch 1 is what reproduces the original bit for bit.
+    batched_calibration: bool = False
 
     @property
     def options_type(self) -> type:
@@ -39,9 +42,11 @@ class Method:
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (
     Method("magnitude", "magnitude", needs_calibration=False, family="sparse", structured=False),
-    Method("wanda", "wanda", needs_calibration=True, family="sparse", structured=False),
-    Method("sparsegpt", "sparsegpt", needs_calibration=True, family="sparse", structured=False),
-    Method("wanda-sp", "wanda_sp", needs_calibration=True, family="width"),
+    Method("wanda", "wanda", needs_calibration=True, family="sparse", structured=False,
+           batched_calibration=True),
+    Method("sparsegpt", "sparsegpt", needs_calibration=True, family="sparse", structured=False,
+           batched_calibration=True),
+    Method("wanda-sp", "wanda_sp", needs_calibration=True, family="width", batched_calibration=True),
     Method("flap", "flap", needs_calibration=True, family="width"),
     Method("llm-pruner", "llm_pruner", needs_calibration=True, family="width"),
     Method("minitron-width", "minitron_width", needs_calibration=True, family="minitron"),

@@ -15,7 +15,8 @@ code had it because rounding decides close comparisons:
     float32 mean of the per-window mean NLLs. With ``bos_per_window`` set to a token id, that id is
     put in front of every window (Shortened LLaMA's ``ppl_bos``: the stream is then tokenized
     without BOS), so each window scores ``seqlen`` predictions. Windows may be batched
-    (``batch_size``), which changes only float rounding. The window is the paper's: the model's
+    (``batch_size``, an int or "auto": as many as fit a quarter of free memory), which changes only
+    float rounding. The window is the paper's: the model's
     context (capped at 8192) for Wanda/SparseGPT/magnitude, 128 for the others; never compare
     numbers across windows.
 ``rows``
@@ -46,6 +47,13 @@ a pruned model is evaluated without saving it. Conventions, chosen to match the 
   the harness's own default), explicitly, so no version's default can drift.
 * Values are fractions in [0, 1], as lm-eval reports them.
 
+* Batch size 1 is what the papers ran; ``batch_size`` N (or lm-eval's "auto") pads the requests of a
+  batch, which changes float rounding only (the parity figures are in the README).
+* The task index (lm-eval scans thousands of task YAMLs: seconds) is built once per process and
+  include-path set, and not at all when every requested task lives in the kit's own folders (the smoke
+  task); every run gets a deep copy, because lm-eval 0.4.8/0.4.9 managers remember group members
+  across loads and would rename a group's subtasks the second time.
+
 The kit's own tasks (``lpc_smoke_mc``) ship in repro/assets/tasks and are always findable. Note that
 0.4.x task configs differ from the 0.3-era ones in prompts and splits for some tasks; paper tables
 carry that caveat, this module does not hide it.
@@ -53,6 +61,7 @@ carry that caveat, this module does not hide it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import math
@@ -60,11 +69,12 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from methods.anatomy import batch_that_fits, parse_batch_size
 from methods.errors import UsageError
 
 # The shipped task folder stays with the kit's other assets; only its path is needed here.
@@ -77,7 +87,7 @@ PROTOCOLS = ("windows", "rows", "minitron")
 # ----------------------------------------------------------------------------- perplexity
 
 def perplexity(model, tokens: torch.Tensor, protocol: str = "windows", *, seqlen: Optional[int] = None,
-               bos_per_window: Optional[int] = None, batch_size: int = 1) -> float:
+               bos_per_window: Optional[int] = None, batch_size: Union[int, str] = 1) -> float:
     """The perplexity of `tokens` under `protocol` (see the module docstring).
 
     ``windows``: `tokens` is a [1, N] stream and `seqlen` the window; `bos_per_window` and
@@ -105,10 +115,10 @@ def perplexity(model, tokens: torch.Tensor, protocol: str = "windows", *, seqlen
 
 
 def _windows(model, tokens: torch.Tensor, seqlen: Optional[int], bos_per_window: Optional[int],
-             batch_size: int) -> float:
+             batch_size: Union[int, str]) -> float:
     stream = _token_stream(tokens)
     _check_int("seqlen", seqlen, minimum=2 if bos_per_window is None else 1)
-    _check_int("batch_size", batch_size, minimum=1)
+    batch_size = parse_batch_size("batch_size", batch_size)
     nwin = stream.numel() // seqlen
     if nwin == 0:
         raise UsageError(f"the token stream has {stream.numel()} tokens, fewer than one window of {seqlen}")
@@ -116,6 +126,10 @@ def _windows(model, tokens: torch.Tensor, seqlen: Optional[int], bos_per_window:
     if bos_per_window is not None:
         _check_int("bos_per_window", bos_per_window, minimum=0)
         windows = torch.cat([torch.full((nwin, 1), bos_per_window, dtype=torch.long), windows], dim=1)
+    if batch_size == "auto":
+        # A window's logits in float32, their log-softmax and its gradient-free copy dominate.
+        per_window = 3 * 4 * windows.shape[1] * model.config.vocab_size
+        batch_size = batch_that_fits(per_window, nwin, model.get_input_embeddings().weight.device)
     means = []
     with _inference(model):
         for first in range(0, nwin, batch_size):
@@ -193,27 +207,28 @@ class TaskSpec:
         return self.name if self.num_fewshot == 0 else f"{self.name}@{self.num_fewshot}"
 
 
-def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: int = 1, limit=None,
-              seed: int = DEFAULT_SEED, include_paths: Iterable = ()) -> Dict[str, Any]:
+def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: Union[int, str] = 1, limit=None,
+              seed: int = DEFAULT_SEED, include_paths: Iterable = (), per_request: bool = False) -> Dict[str, Any]:
     """Evaluate `model` on lm-eval tasks; every (task, shots) pair runs once.
 
     Returns ``{spec.key: entry, ..., "harness": {...}}``. An entry holds the metric of the first spec
     with that key (``value`` as a fraction, ``metric``, ``stderr``), ``metrics`` with every metric the
     harness reported (``{"acc": {"value", "stderr"}, "acc_norm": ...}``) for the other cells of the same
-    (task, shots), ``n`` (examples scored), ``num_fewshot`` and ``task_version``. ``cell_value`` reads one
-    cell. The shipped task ``lpc_smoke_mc`` is always findable; more task folders go in `include_paths`.
+    (task, shots), ``n`` (examples scored), ``num_fewshot`` and ``task_version``; with `per_request`, also
+    ``loglikelihoods``: every request's log-likelihood, by document then choice (the batch-parity check).
+    ``cell_value`` reads one cell. The shipped task ``lpc_smoke_mc`` is always findable; more task folders go in `include_paths`.
     """
     specs = [_as_spec(t) for t in tasks]
     if not specs:
         raise UsageError("no tasks requested")
-    _check_int("batch_size", batch_size, minimum=1)
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    batch_size = parse_batch_size("batch_size", batch_size)
+    lm_eval, HFLM, _ = _import_lm_eval()
     paths = [SMOKE_TASK_DIR] + [Path(os.path.expanduser(str(p))) for p in include_paths]
     for path in paths:
         if not path.is_dir():
             raise UsageError(f"task include path is not a directory: {path}")
-    include = [str(p) for p in paths]
-    manager = TaskManager(include_path=include)
+    include = tuple(str(p) for p in paths)
+    manager = task_index(include, {s.name for s in specs})
     unknown = sorted({s.name for s in specs} - set(manager.all_tasks))
     if unknown:
         raise UsageError(f"unknown lm-eval task(s): {', '.join(unknown)}")
@@ -236,13 +251,11 @@ def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: int = 
     raw: Dict[int, Dict[str, Any]] = {}
     for number, (shots, names) in enumerate(by_shots.items()):
         if number:
-            # lm-eval 0.4.8/0.4.9 managers remember group members across loads and would rename a
-            # group's subtasks the second time; a fresh index per run avoids that.
-            manager = TaskManager(include_path=include)
+            manager = task_index(include, {s.name for s in specs})  # a fresh copy per simple_evaluate
         requested = [dict(local_configs[n]) if n in local_configs else n for n in names]
         raw[shots] = lm_eval.simple_evaluate(
             model=lm, tasks=requested, num_fewshot=shots, batch_size=batch_size, limit=limit,
-            task_manager=manager, log_samples=False, **seeds)
+            task_manager=manager, log_samples=per_request, **seeds)
 
     out: Dict[str, Any] = {}
     versions: Dict[str, Any] = {}
@@ -251,6 +264,10 @@ def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: int = 
         versions.update(result.get("versions", {}))
         if spec.key not in out:
             out[spec.key] = _entry(result, spec)
+            if per_request:
+                samples = sorted(result["samples"][spec.name], key=lambda sample: sample["doc_id"])
+                # resps: per request a list holding one (log-likelihood, is-greedy) pair.
+                out[spec.key]["loglikelihoods"] = [float(resp[0][0]) for sample in samples for resp in sample["resps"]]
         elif spec.metric not in out[spec.key]["metrics"]:
             raise _missing_metric(spec, out[spec.key]["metrics"])
     out["harness"] = {
@@ -393,11 +410,24 @@ def _resolve_files(files, base: Path):
     return files
 
 
-@functools.lru_cache(maxsize=1)
 def known_tasks() -> frozenset:
-    """Every task name lm-eval can load, the kit's shipped tasks included (indexing takes seconds)."""
+    """Every task name lm-eval can load, the kit's shipped tasks included."""
+    return frozenset(_pristine_index((str(SMOKE_TASK_DIR),), True).all_tasks)
+
+
+def task_index(include: Tuple[str, ...], names: Iterable[str] = ()):
+    """An lm-eval TaskManager over `include` that finds `names` and that the caller may use up: a deep
+    copy of an index this process builds once. Tasks that all live in `include` (the smoke task) need
+    only those folders indexed, milliseconds; any other task needs lm-eval's own index as well."""
+    include, names = tuple(include), set(names)
+    local = _pristine_index(include, False)
+    return copy.deepcopy(local if names and names <= set(local.all_tasks) else _pristine_index(include, True))
+
+
+@functools.lru_cache(maxsize=None)
+def _pristine_index(include: Tuple[str, ...], with_lm_eval_tasks: bool):
     _, _, TaskManager = _import_lm_eval()
-    return frozenset(TaskManager(include_path=[str(SMOKE_TASK_DIR)]).all_tasks)
+    return TaskManager(include_path=list(include), include_defaults=with_lm_eval_tasks)
 
 
 def _distribution_version(name: str) -> Optional[str]:

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calib", help="c4 | wikitext2 | bookcorpus | pg19 | wikitext103-train | windows:PATH | text file or dir | token ids (.pt/.npy)")
     prune.add_argument("--nsamples", type=int, help="default: 128, or the rows of a token file")
     prune.add_argument("--seqlen", type=int, help="default: the model context (max 8192), or a token file's width")
+    prune.add_argument("--calib-batch", default="1", metavar="N|auto",
+                       help="calibration samples fed to each layer per call (wanda, sparsegpt, wanda-sp); "
+                            "default 1 reproduces the originals bit for bit; auto: as many as fit a quarter of free memory")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
     prune.add_argument("--device", help="compute device for layers (default: cuda if available)")
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--rows", help="comma-separated row ids (default: all)")
     repro.add_argument("--results-dir", type=Path, default=Path("results/local"))
     repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
+    repro.add_argument("--eval-batch-size", metavar="N|auto",
+                       help="evaluation batch (lm-eval requests, perplexity windows) instead of the recipe's "
+                            "(paper profiles: 1, as the papers); changes float rounding only")
     repro.add_argument("--no-dense-gate", action="store_true", help="continue even if the dense model is off")
     repro.add_argument("--work-dir", type=Path,
                        help="where rows keep their stage checkpoints: WORK/<profile>/<method>/<row>/{pruned,trained} "
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--row", required=True)
     evaluate.add_argument("--results-dir", type=Path, default=Path("results/local"))
     evaluate.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
+    evaluate.add_argument("--eval-batch-size", metavar="N|auto",
+                          help="evaluation batch (lm-eval requests, perplexity windows) instead of the recipe's "
+                               "(paper profiles: 1, as the papers); changes float rounding only")
     evaluate.add_argument("--backend", default="hf", help="how the checkpoint is loaded (default: hf)")
     evaluate.add_argument("--gate", action="store_true",
                           help="dense row: exit 1 when it is off its reference (what gates the other rows' jobs)")
@@ -150,6 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def cmd_prune(args) -> int:
     import methods
+    from methods import calibration
     from repro import stages
 
     method = methods.get(args.method)
@@ -161,6 +171,7 @@ def cmd_prune(args) -> int:
         raise UsageError(f"--{given[0].replace('_', '-')} is a training setting; method {args.method!r} does not train")
     request = stages.PruneRequest(model=args.model, method=args.method, out=args.out, options=options,
                                   calib=args.calib, nsamples=args.nsamples,
+                                  calib_batch=calibration.parse_batch(args.calib_batch),
                                   seqlen=None if training is not None else args.seqlen, seed=args.seed,
                                   dtype=args.dtype, revision=args.revision, device=args.device, training=training)
     stages.prune(request, overwrite=args.overwrite)
@@ -172,7 +183,7 @@ def cmd_eval(args) -> int:
     from repro.recipe import load_recipe
     from repro.tables import load_profile
 
-    recipe = load_recipe(args.method, args.profile, args.recipe)
+    recipe = load_recipe(args.method, args.profile, args.recipe, eval_batch_size=args.eval_batch_size)
     table = load_profile(recipe.method, args.profile, recipe.table)
     if args.row not in recipe.rows:
         raise UsageError(f"unknown row {args.row}; recipe rows: {', '.join(recipe.rows)}")
@@ -398,11 +409,11 @@ def cmd_repro(args) -> int:
 
             submit.submit(args.method, args.profile, backend=args.submit, results_root=args.results_dir, rows=rows,
                           recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,
-                          gpus=args.gpus, nodes=args.nodes, image=args.image)
+                          gpus=args.gpus, nodes=args.nodes, image=args.image, eval_batch_size=args.eval_batch_size)
             return 0
         ok = runner.run(args.method, args.profile, results_root=args.results_dir, rows=rows,
                         recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,
-                        keep=args.keep_stages)
+                        keep=args.keep_stages, eval_batch_size=args.eval_batch_size)
     except runner.DenseGateFailed as exc:
         print(f"lpc: dense gate failed: {exc}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
     """
     metrics: Dict[str, float] = {}
     tasks = []
+    batch_size = config.get("batch_size", 1)
     for key, metric in table.metrics.items():
         spec = metric.spec
         if metric.kind == "structure":
@@ -47,14 +48,15 @@ def evaluate_metrics(model, tokenizer, table: Profile, config: dict, cache: Dict
                 metrics[key] = scoring.perplexity(model, tokens.reshape(-1, seqlen), "rows")
             else:
                 bos = tokenizer.bos_token_id if every_window else None
-                metrics[key] = scoring.perplexity(model, tokens, "windows", seqlen=seqlen, bos_per_window=bos)
+                metrics[key] = scoring.perplexity(model, tokens, "windows", seqlen=seqlen, bos_per_window=bos,
+                                                  batch_size=batch_size)
         else:
             tasks.append((key, scoring.TaskSpec(name=spec["task"], num_fewshot=int(spec["shots"]),
                                                 metric=spec["metric"])))
     harness = None
     if tasks:
         scores = scoring.run_tasks(model, tokenizer, [t for _, t in tasks],
-                                   batch_size=int(config.get("batch_size", 1)),
+                                   batch_size=batch_size,
                                    limit=config.get("limit"))
         harness = scores.pop("harness")
         for key, task in tasks:

@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Dict, Optional
+from typing import Annotated, Any, Dict, Literal, Optional, Union
 
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
@@ -50,6 +50,9 @@ class RecipeCalibration(Model):
     nsamples: Annotated[int, Field(gt=0)]
     seqlen: Annotated[int, Field(gt=0)]
     seed: Optional[int] = None
+    # Samples per layer call in the calibration engine (wanda, sparsegpt, wanda-sp); absent = 1, the
+    # originals' bit-exact order.
+    batch: Optional[Union[Annotated[int, Field(gt=0)], Literal["auto"]]] = None
 
 
 _no_options = BeforeValidator(lambda v: {} if v is None else v)
@@ -62,7 +65,8 @@ class RecipeProfile(Model):
     revision: Optional[str] = None
     dtype: Optional[str] = None
     device: Optional[str] = None
-    batch_size: Optional[Annotated[int, Field(gt=0)]] = None
+    # Evaluation batch (lm-eval requests and perplexity windows); absent = 1, the papers' setting.
+    batch_size: Optional[Union[Annotated[int, Field(gt=0)], Literal["auto"]]] = None
     limit: Optional[Annotated[int, Field(gt=0)]] = None   # lm-eval examples per task (smoke runs)
     calibration: Optional[RecipeCalibration] = None
     # train spec name -> `lpc train` options less model and out (checked below, as lpc train would)
@@ -176,7 +180,7 @@ class Recipe:
         calibration = self.config.get("calibration") or {}
         return PruneRequest(model=self.config["model"], method=self.method, out=Path(out), options=self.options(row),
                             calib=calibration.get("spec"), nsamples=calibration.get("nsamples"),
-                            seqlen=calibration.get("seqlen"), seed=self.seed,
+                            seqlen=calibration.get("seqlen"), calib_batch=calibration.get("batch", 1), seed=self.seed,
                             dtype=self.config.get("dtype", "float32"), revision=self.config.get("revision"),
                             device=self.config.get("device"), training=self.pruning_run(row))
 
@@ -205,7 +209,10 @@ class Recipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def load_recipe(method: str, profile: str, path: Optional[Path] = None) -> Recipe:
+def load_recipe(method: str, profile: str, path: Optional[Path] = None, *,
+                eval_batch_size: Union[int, str, None] = None) -> Recipe:
+    """The recipe's profile; `eval_batch_size` (`--eval-batch-size`) replaces its evaluation batch, and
+    so changes the rows' fingerprints as any other recipe setting would."""
     path = Path(path) if path else RECIPES / f"{method}.yaml"
     if not path.is_file():
         raise UsageError(f"no recipe for method {method!r} ({path})")
@@ -215,6 +222,10 @@ def load_recipe(method: str, profile: str, path: Optional[Path] = None) -> Recip
     raw = validate(RecipeProfile, data.profiles[profile], f"{path.name}:{profile}")
     _check_pruning_runs(raw, data.method or method, f"{path.name}:{profile}")
     config = raw.model_dump(exclude_unset=True, exclude={"rows", "table"})
+    if eval_batch_size is not None:
+        from methods.anatomy import parse_batch_size
+
+        config["batch_size"] = parse_batch_size("--eval-batch-size", eval_batch_size)
     table = path.parent / (raw.table or f"../tables/{data.table or method}.yaml")
     return Recipe(data.method or method, profile, config, raw.rows, table.resolve(), path.resolve())
 

@@ -41,9 +41,9 @@ def work_dir(results_root: Path, profile: str, method: str, work_root: Optional[
 
 def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[str]] = None,
         recipe_path: Optional[Path] = None, dense_gate: bool = True, work_root: Optional[Path] = None,
-        keep: str = "trained", log=print) -> bool:
+        keep: str = "trained", eval_batch_size=None, log=print) -> bool:
     """Run the missing rows, then print the diff. Returns True when the diff passes."""
-    recipe = load_recipe(method, profile, recipe_path)
+    recipe = load_recipe(method, profile, recipe_path, eval_batch_size=eval_batch_size)
     table = load_profile(method, profile, recipe.table)
     check_device(recipe)
     selected = select_rows(recipe, rows)

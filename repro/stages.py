@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from methods.errors import UsageError
 from repro.recipe import DENSE
@@ -179,6 +179,7 @@ class PruneRequest:
     dtype: str = "float32"
     revision: Optional[str] = None
     device: Optional[str] = None             # where layers are computed; not part of the identity
+    calib_batch: Union[int, str] = 1         # samples per layer call in the calibration engine (or "auto")
     # For a method whose pruning is a training run: that run's `lpc train` settings (less model, out,
     # kind and the method options, which the request holds); seed and seqlen default to the request's.
     training: Optional[Dict[str, Any]] = None
@@ -200,6 +201,10 @@ class PruneRequest:
         if needs_calibration:
             calibration = {"spec": self.calib, "nsamples": self.nsamples, "seqlen": self.seqlen,
                            "data": data_identity(self.calib)}
+            # Batched calibration rounds differently, so it is a different result; batch 1 stays out of
+            # the identity so that checkpoints pruned before the option existed still match.
+            if self.calib_batch != 1:
+                calibration["batch"] = self.calib_batch
         return {"model": {**checkpoint_identity(self.model, resolve(self.model)), "revision": self.revision},
                 "dtype": self.dtype, "method": self.method, "options": self.options,
                 "calibration": calibration, "seed": self.seed}
@@ -275,7 +280,7 @@ def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) 
         calibration = {"spec": request.calib, "nsamples": nsamples, "seqlen": seqlen, "seed": request.seed,
                        "shape": list(calib.shape), "sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()}
     report = methods.prune(model, request.method, calib, device=request.device, tokenizer=tokenizer,
-                           **request.options)
+                           calib_batch=request.calib_batch, **request.options)
     timings["prune"] = report.pop("seconds")
     resolved = getattr(model.config, "_commit_hash", None)
     manifest = {

@@ -77,6 +77,8 @@ def plan(recipe: Recipe, table, rows: List[str], *, results_root: Path, work: Pa
     base = f"lpc-{recipe.method}"
     results = Path(results_root).resolve()
     common = ["--profile", recipe.profile, "--results-dir", str(results), "--recipe", str(recipe.path)]
+    if "batch_size" in recipe.config:  # as the recipe says, or as --eval-batch-size replaced it
+        common += ["--eval-batch-size", str(recipe.config["batch_size"])]
     jobs: List[Job] = []
     gate: Optional[Job] = None
     evals: List[Job] = []
@@ -139,7 +141,8 @@ def _prune_command(request: stages.PruneRequest) -> List[str]:
     args = ["prune", "--model", request.model, "--method", request.method, "--out", str(request.out),
             "--seed", str(request.seed), "--dtype", request.dtype, "--overwrite"]
     for key, value in (("--revision", request.revision), ("--device", request.device), ("--calib", request.calib),
-                       ("--nsamples", request.nsamples), ("--seqlen", request.seqlen)):
+                       ("--nsamples", request.nsamples), ("--seqlen", request.seqlen),
+                       ("--calib-batch", None if request.calib_batch == 1 else request.calib_batch)):
         if value is not None:
             args += [key, str(value)]
     # JSON is YAML, which `lpc prune` reads option values as: every value keeps its type.
@@ -187,13 +190,14 @@ def script(job: Job, python: List[str], title: str) -> str:
 
 def submit(method: str, profile: str, *, backend: str, results_root: Path, rows: Optional[List[str]] = None,
            recipe_path: Optional[Path] = None, dense_gate: bool = True, work_root: Optional[Path] = None,
-           gpus: Optional[str] = None, nodes: int = 1, image: Optional[str] = None, log=print) -> List[Job]:
+           gpus: Optional[str] = None, nodes: int = 1, image: Optional[str] = None, eval_batch_size=None,
+           log=print) -> List[Job]:
     from jobman import api
     from jobman.errors import UsageError as JobmanUsageError
 
     if nodes < 1:
         raise UsageError("--nodes must be at least 1")
-    recipe = load_recipe(method, profile, recipe_path)
+    recipe = load_recipe(method, profile, recipe_path, eval_batch_size=eval_batch_size)
     table = load_profile(recipe.method, profile, recipe.table)
     if backend == "local":
         check_device(recipe)
