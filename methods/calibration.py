@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -171,8 +172,12 @@ def gather_inputs(layer: nn.Module, inputs: LayerInputs, collect: Dict[str, Call
     shown its input: its matmul and what follows would be thrown away.
     """
     modules = linear_layers(layer)
-    handles = [modules[name].register_forward_pre_hook(lambda _m, args, fn=fn: fn(args[0].detach()))
-               for name, fn in collect.items()]
+    def observer(fn):
+        def hook(_module, args):
+            fn(args[0].detach())  # a pre-hook's return value would replace the Linear's arguments
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(observer(fn)) for name, fn in collect.items()]
     # Registered after the collectors, so it fires after them.
     handles.append(modules[list(modules)[-1]].register_forward_pre_hook(_stop))
     try:
@@ -183,6 +188,45 @@ def gather_inputs(layer: nn.Module, inputs: LayerInputs, collect: Dict[str, Call
     finally:
         for handle in handles:
             handle.remove()
+
+
+class SharedInputStatistics:
+    """One statistic per distinct input of a block's Linears, gathered once.
+
+    Llama feeds q/k/v the very same normed hidden states, and gate/up too; a statistic of the input
+    (Wanda's norms, SparseGPT's Hessian) is then the same numbers for each, so it is computed once and
+    shared: `owner[name]` names the Linear whose statistic `name` uses. Sharing is found, not assumed:
+    two Linears share when their hooks receive the same tensor memory in the same forward (the
+    tensors seen are held until the block is done, so their memory cannot be reused meanwhile).
+    """
+
+    def __init__(self, linears: Dict[str, nn.Module], make: Callable[[nn.Module], Any]):
+        self._linears = linears
+        self._make = make
+        self.owner: Dict[str, str] = {}
+        self.stats: Dict[str, Any] = {}
+        self._seen: Dict[Tuple[int, Tuple[int, ...], Tuple[int, ...]], Tuple[torch.Tensor, str]] = {}
+
+    def collectors(self) -> Dict[str, Callable[[torch.Tensor], None]]:
+        return {name: functools.partial(self._add, name) for name in self._linears}
+
+    def __getitem__(self, name: str) -> Any:
+        return self.stats[self.owner[name]]
+
+    def users(self, owner: str) -> List[str]:
+        return [name for name, o in self.owner.items() if o == owner]
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.owner:  # the first chunk decides who shares with whom
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if key in self._seen:
+                self.owner[name] = self._seen[key][1]
+                return
+            self._seen[key] = (x, name)
+            self.owner[name] = name
+            self.stats[name] = self._make(self._linears[name])
+        if self.owner[name] == name:
+            self.stats[name].add(x)
 
 
 def resolve_batch(requested: Union[int, str], model: nn.Module, calib: torch.Tensor, device: torch.device) -> int:

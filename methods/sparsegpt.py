@@ -12,9 +12,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from methods.anatomy import linear_layers, prunable_linears
-from methods.calibration import LayerInputs, gather_inputs, sequential_layers
+from methods.calibration import LayerInputs, SharedInputStatistics, gather_inputs, sequential_layers
 from methods.options import method_options
-from methods.sparsity import Hessian, SparseOptions, sparsegpt_prune
+from methods.sparsity import Hessian, SparseOptions, hessian_factor, sparsegpt_prune
 
 
 @method_options
@@ -36,13 +36,18 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
 
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
         linears = linear_layers(layer)
-        hessians = {name: Hessian(m.in_features, device) for name, m in linears.items()}
-        gather_inputs(layer, inputs, {name: h.add for name, h in hessians.items()})
+        # q/k/v (and gate/up) see one input: one Hessian and one factor serve them all, the same numbers.
+        hessians = SharedInputStatistics(linears, lambda m: Hessian(m.in_features, device))
+        gather_inputs(layer, inputs, hessians.collectors())
+        factors = {}
         for name, module in linears.items():
-            pruned = sparsegpt_prune(module.weight.data, hessians[name].value, pattern,
-                                     blocksize=options.blocksize, percdamp=options.percdamp)
+            owner = hessians.owner[name]
+            if owner not in factors:
+                factors[owner] = hessian_factor(hessians.stats.pop(owner).value, options.percdamp)
+            pruned = sparsegpt_prune(module.weight.data, factors[owner], pattern, blocksize=options.blocksize)
             module.weight.data = pruned.to(module.weight.dtype)
-            del hessians[name]
+            if name == hessians.users(owner)[-1]:
+                del factors[owner]
 
     # The original turns TF32 off for SparseGPT; masks depend on it.
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

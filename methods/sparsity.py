@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Optional, Tuple
+from typing import Annotated, Optional, Tuple, Union
 
 import torch
 from pydantic import Field, model_validator
@@ -194,27 +194,45 @@ class Hessian:
         self.value += x.matmul(x.t())
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern,
-                    *, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """SparseGPT on one matrix: returns the pruned and OBS-updated weight (fp32, same shape).
+@dataclass(frozen=True)
+class HessianFactor:
+    """What SparseGPT needs of one Hessian: the upper Cholesky factor of its damped inverse, and the
+    input columns that never saw a non-zero input (their weights are zeroed)."""
 
-    Columns are swept in blocks of `blocksize`. Unstructured masks are chosen once per block over
-    all rows from w²/U_jj² of the block's current weights (U: upper Cholesky factor of H⁻¹); N:M masks
-    are chosen every M columns from the partially updated weights. Each pruned column's error is
-    propagated inside the block at once and to later blocks in one lazy batch update.
-    """
-    W = weight.detach().clone().float()
+    hinv: torch.Tensor
+    dead: torch.Tensor
+
+
+def hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFactor:
+    """Dead columns get H_jj = 1, the diagonal is damped by `percdamp` of its mean, then
+    U = chol(H⁻¹)ᵀ: the original's sequence of operations, so the factor is bit for bit the same."""
     H = hessian.clone()
-    columns = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(columns, device=W.device)
+    idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += damp
     H = torch.linalg.cholesky(H)
     H = torch.cholesky_inverse(H)
-    Hinv = torch.linalg.cholesky(H, upper=True)
+    return HessianFactor(torch.linalg.cholesky(H, upper=True), dead)
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: Union[torch.Tensor, HessianFactor], pattern: SparsityPattern,
+                    *, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT on one matrix: returns the pruned and OBS-updated weight (fp32, same shape).
+
+    `hessian` is the layer input's Hessian, or its `hessian_factor` (then `percdamp` was applied
+    there): Linears fed the same input share one factor. Columns are swept in blocks of `blocksize`.
+    Unstructured masks are chosen once per block over all rows from w²/U_jj² of the block's current
+    weights (U: upper Cholesky factor of H⁻¹); N:M masks are chosen every M columns from the partially
+    updated weights. Each pruned column's error is propagated inside the block at once and to later
+    blocks in one lazy batch update.
+    """
+    factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, percdamp)
+    W = weight.detach().clone().float()
+    columns = W.shape[1]
+    W[:, factor.dead] = 0
+    Hinv = factor.hinv
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from methods.anatomy import linear_layers, prunable_linears
-from methods.calibration import LayerInputs, gather_inputs, sequential_layers
+from methods.calibration import LayerInputs, SharedInputStatistics, gather_inputs, sequential_layers
 from methods.sparsity import InputSquaredNorm, SparseOptions, wanda_mask
 
 Options = SparseOptions
@@ -20,10 +20,10 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
 
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
         linears = linear_layers(layer)
-        stats = {name: InputSquaredNorm(m.in_features, device) for name, m in linears.items()}
-        gather_inputs(layer, inputs, {name: s.add for name, s in stats.items()})
+        norms = SharedInputStatistics(linears, lambda m: InputSquaredNorm(m.in_features, device))
+        gather_inputs(layer, inputs, norms.collectors())
         for name, module in linears.items():
-            mask = wanda_mask(module.weight.data, stats[name].value, pattern)
+            mask = wanda_mask(module.weight.data, norms[name].value, pattern)
             module.weight.data.masked_fill_(mask, 0)
 
     sequential_layers(model, calib, device, handle_layer)

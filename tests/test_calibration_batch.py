@@ -89,3 +89,30 @@ def test_cli_refuses_a_bad_calibration_batch_in_one_line(tmp_path):
                "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["lpc: error: calibration batch must be a positive integer or 'auto', got '0'"]
+
+
+def test_linears_fed_one_input_share_one_statistic_with_the_same_numbers():
+    from methods.anatomy import linear_layers
+    from methods.calibration import SharedInputStatistics, gather_inputs
+    from methods.sparsity import Hessian
+
+    model = tiny_llama()
+    calib = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(4))
+    found = {}
+
+    def handle(index, layer, inputs):
+        if index:
+            return
+        linears = linear_layers(layer)
+        shared = SharedInputStatistics(linears, lambda m: Hessian(m.in_features, torch.device("cpu")))
+        own = {name: Hessian(m.in_features, torch.device("cpu")) for name, m in linears.items()}
+        gather_inputs(layer, inputs, {name: (lambda x, a=shared.collectors()[name], b=h.add: (a(x), b(x)))
+                                      for name, h in own.items()})
+        found.update(owner=shared.owner, same={n: torch.equal(shared[n].value, own[n].value) for n in linears})
+
+    with calibration_batch(2):
+        sequential_layers(model, calib, torch.device("cpu"), handle)
+    q, gate = "self_attn.q_proj", "mlp.gate_proj"
+    assert found["owner"] == {q: q, "self_attn.k_proj": q, "self_attn.v_proj": q, "self_attn.o_proj": "self_attn.o_proj",
+                              gate: gate, "mlp.up_proj": gate, "mlp.down_proj": "mlp.down_proj"}
+    assert all(found["same"].values()), found["same"]
