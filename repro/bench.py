@@ -147,10 +147,11 @@ def prune_process_seconds(method: str, args, batched_forward: float) -> dict:
     the difference is what pruning costs a user, calibration drawing and imports included."""
     options = [f"--option={key}={value}" for key, value in OPTIONS[method].items()]
     with tempfile.TemporaryDirectory() as tmp:
-        bare = _timed([sys.executable, "-c",
-                       "import sys; from repro.models import load_model, save_checkpoint; "
-                       "m, t = load_model(sys.argv[1], dtype=sys.argv[2]); save_checkpoint(m, t, sys.argv[3])",
-                       args.model, args.dtype, f"{tmp}/bare"])
+        # The fastest of two: the first process of a bench may pay for cold file caches.
+        bare = min(_timed([sys.executable, "-c",
+                           "import sys; from repro.models import load_model, save_checkpoint; "
+                           "m, t = load_model(sys.argv[1], dtype=sys.argv[2]); save_checkpoint(m, t, sys.argv[3])",
+                           args.model, args.dtype, f"{tmp}/bare{attempt}"]) for attempt in range(2))
         walls = {}
         for path, calib_batch in (("default", "1"), ("batched", str(args.calib_batch))):
             if path == "batched" and not _batched(method):
