@@ -28,7 +28,7 @@ import contextlib
 import contextvars
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -212,9 +212,6 @@ class SharedInputStatistics:
 
     def __getitem__(self, name: str) -> Any:
         return self.stats[self.owner[name]]
-
-    def users(self, owner: str) -> List[str]:
-        return [name for name, o in self.owner.items() if o == owner]
 
     def _add(self, name: str, x: torch.Tensor) -> None:
         if name not in self.owner:  # the first chunk decides who shares with whom

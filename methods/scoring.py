@@ -228,8 +228,9 @@ def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: Union[
         if not path.is_dir():
             raise UsageError(f"task include path is not a directory: {path}")
     include = tuple(str(p) for p in paths)
-    manager = task_index(include, {s.name for s in specs})
-    unknown = sorted({s.name for s in specs} - set(manager.all_tasks))
+    wanted = {s.name for s in specs}
+    manager = task_index(include, wanted)
+    unknown = sorted(wanted - set(manager.all_tasks))
     if unknown:
         raise UsageError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     local_configs = _local_data_overrides(paths)
@@ -251,7 +252,7 @@ def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: Union[
     raw: Dict[int, Dict[str, Any]] = {}
     for number, (shots, names) in enumerate(by_shots.items()):
         if number:
-            manager = task_index(include, {s.name for s in specs})  # a fresh copy per simple_evaluate
+            manager = task_index(include, wanted)  # a fresh copy per simple_evaluate
         requested = [dict(local_configs[n]) if n in local_configs else n for n in names]
         raw[shots] = lm_eval.simple_evaluate(
             model=lm, tasks=requested, num_fewshot=shots, batch_size=batch_size, limit=limit,

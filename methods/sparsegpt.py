@@ -46,8 +46,6 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
                 factors[owner] = hessian_factor(hessians.stats.pop(owner).value, options.percdamp)
             pruned = sparsegpt_prune(module.weight.data, factors[owner], pattern, blocksize=options.blocksize)
             module.weight.data = pruned.to(module.weight.dtype)
-            if name == hessians.users(owner)[-1]:
-                del factors[owner]
 
     # The original turns TF32 off for SparseGPT; masks depend on it.
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

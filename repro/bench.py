@@ -145,6 +145,8 @@ def forward_seconds(model, calib, device, *, batched: bool) -> float:
 def prune_process_seconds(method: str, args, batched_forward: float) -> dict:
     """Wall time of a real `lpc prune` process against a process that only loads and saves the model:
     the difference is what pruning costs a user, calibration drawing and imports included."""
+    import methods
+
     options = [f"--option={key}={value}" for key, value in OPTIONS[method].items()]
     with tempfile.TemporaryDirectory() as tmp:
         # The fastest of two: the first process of a bench may pay for cold file caches.
@@ -154,7 +156,7 @@ def prune_process_seconds(method: str, args, batched_forward: float) -> dict:
                            args.model, args.dtype, f"{tmp}/bare{attempt}"]) for attempt in range(2))
         walls = {}
         for path, calib_batch in (("default", "1"), ("batched", str(args.calib_batch))):
-            if path == "batched" and not _batched(method):
+            if path == "batched" and not methods.get(method).batched_calibration:
                 continue
             out = Path(tmp) / path
             walls[path] = _timed([sys.executable, "-m", "repro.cli", "prune", "--model", args.model, "--method", method,
@@ -166,12 +168,6 @@ def prune_process_seconds(method: str, args, batched_forward: float) -> dict:
                            "over_bare_in_batched_forwards": (walls[path] - bare) / batched_forward,
                            "stages_seconds": manifest["timings_seconds"], "peak_rss_mib": manifest["peak_rss_mib"]}
     return {"bare_load_save_seconds": bare, **walls}
-
-
-def _batched(method: str) -> bool:
-    from methods.registry import REGISTRY
-
-    return REGISTRY[method].batched_calibration
 
 
 def _timed(command) -> float:

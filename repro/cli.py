@@ -43,6 +43,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+EVAL_BATCH_HELP = ("evaluation batch (lm-eval requests, perplexity windows) instead of the recipe's "
+                   "(paper profiles: 1, as the papers); changes float rounding only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lpc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -74,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--rows", help="comma-separated row ids (default: all)")
     repro.add_argument("--results-dir", type=Path, default=Path("results/local"))
     repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
-    repro.add_argument("--eval-batch-size", metavar="N|auto",
-                       help="evaluation batch (lm-eval requests, perplexity windows) instead of the recipe's "
-                            "(paper profiles: 1, as the papers); changes float rounding only")
+    repro.add_argument("--eval-batch-size", metavar="N|auto", help=EVAL_BATCH_HELP)
     repro.add_argument("--no-dense-gate", action="store_true", help="continue even if the dense model is off")
     repro.add_argument("--work-dir", type=Path,
                        help="where rows keep their stage checkpoints: WORK/<profile>/<method>/<row>/{pruned,trained} "
@@ -101,9 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--row", required=True)
     evaluate.add_argument("--results-dir", type=Path, default=Path("results/local"))
     evaluate.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
-    evaluate.add_argument("--eval-batch-size", metavar="N|auto",
-                          help="evaluation batch (lm-eval requests, perplexity windows) instead of the recipe's "
-                               "(paper profiles: 1, as the papers); changes float rounding only")
+    evaluate.add_argument("--eval-batch-size", metavar="N|auto", help=EVAL_BATCH_HELP)
     evaluate.add_argument("--backend", default="hf", help="how the checkpoint is loaded (default: hf)")
     evaluate.add_argument("--gate", action="store_true",
                           help="dense row: exit 1 when it is off its reference (what gates the other rows' jobs)")

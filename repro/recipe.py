@@ -45,6 +45,9 @@ TEACHER_DENSE = "dense"
 PIPELINE_FIELDS = ("model", "out")
 
 
+BatchSize = Union[Annotated[int, Field(gt=0)], Literal["auto"]]
+
+
 class RecipeCalibration(Model):
     spec: str                        # a dataset spec or file, as `lpc prune --calib` takes it
     nsamples: Annotated[int, Field(gt=0)]
@@ -52,7 +55,7 @@ class RecipeCalibration(Model):
     seed: Optional[int] = None
     # Samples per layer call in the calibration engine (wanda, sparsegpt, wanda-sp); absent = 1, the
     # originals' bit-exact order.
-    batch: Optional[Union[Annotated[int, Field(gt=0)], Literal["auto"]]] = None
+    batch: Optional[BatchSize] = None
 
 
 _no_options = BeforeValidator(lambda v: {} if v is None else v)
@@ -66,7 +69,7 @@ class RecipeProfile(Model):
     dtype: Optional[str] = None
     device: Optional[str] = None
     # Evaluation batch (lm-eval requests and perplexity windows); absent = 1, the papers' setting.
-    batch_size: Optional[Union[Annotated[int, Field(gt=0)], Literal["auto"]]] = None
+    batch_size: Optional[BatchSize] = None
     limit: Optional[Annotated[int, Field(gt=0)]] = None   # lm-eval examples per task (smoke runs)
     calibration: Optional[RecipeCalibration] = None
     # train spec name -> `lpc train` options less model and out (checked below, as lpc train would)
