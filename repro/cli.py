@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--gpus", metavar="N|TYPE:N",
                        help="--submit: GPUs per node for training (TYPE:N, e.g. H100:8, is also asked of the backend)")
     repro.add_argument("--nodes", type=int, default=1, help="--submit: nodes for training (torchrun rendezvous)")
+    repro.add_argument("--tpu", metavar="TYPE",
+                       help="--submit skypilot: the TPU slice (e.g. v4-32) for rows that train with engine maxtext; "
+                            "every host of it runs MaxText's trainer")
     repro.add_argument("--image", help="--submit: the container image jobs run in (slurm with pyxis, skypilot)")
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a recipe row's table metrics and write its result",
@@ -400,16 +403,17 @@ def cmd_repro(args) -> int:
     from repro import runner
 
     rows = [r for r in args.rows.split(",") if r] if args.rows else None
-    if args.submit is None and (args.gpus or args.nodes != 1 or args.image):
-        raise UsageError("--gpus, --nodes and --image are for the jobs of --submit; without it, a train spec's "
-                         "nproc sets the processes on this machine")
+    if args.submit is None and (args.gpus or args.nodes != 1 or args.image or args.tpu):
+        raise UsageError("--gpus, --nodes, --tpu and --image are for the jobs of --submit; without it, a train "
+                         "spec's nproc sets the processes on this machine")
     try:
         if args.submit:
             from repro import submit
 
             submit.submit(args.method, args.profile, backend=args.submit, results_root=args.results_dir, rows=rows,
                           recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,
-                          gpus=args.gpus, nodes=args.nodes, image=args.image, eval_batch_size=args.eval_batch_size)
+                          gpus=args.gpus, nodes=args.nodes, tpu=args.tpu, image=args.image,
+                          eval_batch_size=args.eval_batch_size)
             return 0
         ok = runner.run(args.method, args.profile, results_root=args.results_dir, rows=rows,
                         recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,

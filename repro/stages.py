@@ -445,7 +445,8 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
     if _done(out, stamp):
         log(f"{out}: trained already (train.json matches these inputs)")
         return 0
-    _prepare_out(out, stamp, overwrite, replace_stale)
+    if options.phase in ("all", "prepare"):  # the later phases of a multi-host run find OUT prepared
+        _prepare_out(out, stamp, overwrite, replace_stale)
 
     if options.engine == "maxtext":
         return _train_maxtext(options, model_path, inputs, stamp, log)
@@ -492,7 +493,17 @@ def _train_maxtext(options: TrainOptions, model_path: str, inputs: dict, stamp: 
     from repro.results import write_json_atomic
     from training.maxtext import train as maxtext_train
 
-    report = maxtext_train.train(options, log=log)
+    if options.phase == "prepare":
+        maxtext_train.prepare(options, fingerprint=stamp, log=log)
+        log(f"prepared {options.out} for MaxText (next: --phase run on every host of the slice)")
+        return 0
+    if options.phase == "run":
+        maxtext_train.run(options, log=log)
+        return 0
+    if options.phase == "export":
+        report = maxtext_train.finish(options)
+    else:
+        report = maxtext_train.train(options, fingerprint=stamp, log=log)
     write_json_atomic(Path(options.out) / TRAIN_MANIFEST,
                       {"stage": "train", "fingerprint": stamp, "options": options.model_dump(), "inputs": inputs,
                        **report, "lineage": lineage(model_path), "provenance": provenance()})
@@ -618,6 +629,10 @@ def train_state(out, stamp: str) -> str:
         return "done"
     if _empty(out):
         return "resumable"
+    if (out / "maxtext").is_dir():  # --engine maxtext: prepared from these inputs, MaxText resumes itself
+        from training.maxtext.train import prepared_stamp
+
+        return "resumable" if prepared_stamp(out) == stamp else "stale"
     if {p.name for p in out.iterdir()} <= {checkpoint.CHECKPOINTS, checkpoint.STAGING}:
         try:
             checkpoint.check_resumable(out, stamp)

@@ -33,6 +33,8 @@ from repro.tables import load_profile
 
 # Passed to every job by name: jobman reads its value where the job runs and stores it nowhere.
 SECRETS = ("HF_TOKEN",)
+# Passed to every job by value when the submitting shell sets them: where the jobs find their data.
+FORWARDED = ("LPC_DCLM_ARRAY_RECORD",)
 
 
 @dataclass
@@ -63,12 +65,32 @@ def parse_gpus(text: Optional[str]) -> Tuple[Optional[str], Optional[int]]:
     except JobmanUsageError as exc:
         raise UsageError(f"--gpus: {exc}") from None
     if accelerator.is_tpu:
-        raise UsageError(f"--gpus {text}: TPU slices train through MaxText, not torchrun")
+        raise UsageError(f"--gpus {text}: TPU slices train through MaxText, not torchrun; pass --tpu {text}")
     return f"{accelerator.name}:{accelerator.count}", accelerator.count
 
 
+def parse_tpu(text: Optional[str], *, backend: str, nodes: int) -> Optional[str]:
+    """`--tpu TYPE`: the slice that MaxText training stages run on, checked against jobman's table
+    (the other stages run where --gpus says, as without it)."""
+    if text is None:
+        return None
+    from jobman.accelerators import tpu_slice
+    from jobman.errors import UsageError as JobmanUsageError
+
+    try:
+        accelerator = tpu_slice(text)
+    except JobmanUsageError as exc:
+        raise UsageError(f"--tpu: {exc}") from None
+    if backend != "skypilot":
+        raise UsageError(f"--tpu {text}: TPU slices are reached through SkyPilot; use --submit skypilot")
+    if nodes != 1:
+        raise UsageError(f"--tpu {text}: a slice's hosts come from its type ({accelerator.name} has "
+                         f"{accelerator.hosts}); drop --nodes")
+    return accelerator.name
+
+
 def plan(recipe: Recipe, table, rows: List[str], *, results_root: Path, work: Path, gpus: Optional[str],
-         nodes: int, dense_gate: bool, log=print) -> List[Job]:
+         nodes: int, dense_gate: bool, tpu: Optional[str] = None, log=print) -> List[Job]:
     """The jobs for the unfinished stages of `rows`, dense first, then one diff job."""
     accelerator, per_node = parse_gpus(gpus)
     one = None if accelerator is None else accelerator.split(":")[0] + ":1"
@@ -115,7 +137,14 @@ def plan(recipe: Recipe, table, rows: List[str], *, results_root: Path, work: Pa
                 if state == "stale":  # the row's own folder, left by other inputs: the job starts afresh
                     shutil.rmtree(options.out)
                 if state != "done":
-                    jobs.append(_train_job(f"{name}-train", options, previous, accelerator, per_node, nodes, one))
+                    if options.engine == "maxtext":
+                        jobs += _maxtext_jobs(f"{name}-train", options, previous, tpu)
+                    elif tpu is not None:
+                        raise UsageError(f"--tpu {tpu}: row {row} trains with the hf engine (torchrun on GPUs); "
+                                         "TPU slices train rows whose training spec says engine: maxtext")
+                    else:
+                        jobs.append(_train_job(f"{name}-train", options, previous, accelerator, per_node, nodes,
+                                               one))
                     previous = [jobs[-1]]
                 model = options.out
         job = Job(f"{name}-eval", ["eval", "--model", str(model), "--method", recipe.method, "--row", row, *common,
@@ -173,6 +202,22 @@ def _train_job(name: str, options, after: List[Job], accelerator: Optional[str],
                accelerator=accelerator, nodes=nodes)
 
 
+def _maxtext_jobs(name: str, options, after: List[Job], tpu: Optional[str]) -> List[Job]:
+    """MaxText training: one job on one machine; on a TPU slice, three: prepare on one host, MaxText's
+    trainer on every host of the slice (SkyPilot runs a TPU job's command on each), export on one host."""
+    from training.maxtext.train import resolve_data
+
+    resolve_data(options.data)  # a data location the jobs will not find stops the submission here
+    if tpu is None:
+        return [Job(name, stages.train_command(options), after=after)]
+    prepare = Job(f"{name}-prepare", stages.train_command(options.model_copy(update={"phase": "prepare"})),
+                  after=after)
+    run = Job(name, stages.train_command(options.model_copy(update={"phase": "run", "tpu": tpu})), after=[prepare],
+              accelerator=tpu)
+    export = Job(f"{name}-export", stages.train_command(options.model_copy(update={"phase": "export"})), after=[run])
+    return [prepare, run, export]
+
+
 def script(job: Job, python: List[str], title: str) -> str:
     """The job's bash script: the stage command, under torchrun for training."""
     command = " ".join(shlex.quote(a) for a in python)
@@ -190,13 +235,14 @@ def script(job: Job, python: List[str], title: str) -> str:
 
 def submit(method: str, profile: str, *, backend: str, results_root: Path, rows: Optional[List[str]] = None,
            recipe_path: Optional[Path] = None, dense_gate: bool = True, work_root: Optional[Path] = None,
-           gpus: Optional[str] = None, nodes: int = 1, image: Optional[str] = None, eval_batch_size=None,
-           log=print) -> List[Job]:
+           gpus: Optional[str] = None, nodes: int = 1, tpu: Optional[str] = None, image: Optional[str] = None,
+           eval_batch_size=None, log=print) -> List[Job]:
     from jobman import api
     from jobman.errors import UsageError as JobmanUsageError
 
     if nodes < 1:
         raise UsageError("--nodes must be at least 1")
+    tpu = parse_tpu(tpu, backend=backend, nodes=nodes)
     recipe = load_recipe(method, profile, recipe_path, eval_batch_size=eval_batch_size)
     table = load_profile(recipe.method, profile, recipe.table)
     if backend == "local":
@@ -207,13 +253,14 @@ def submit(method: str, profile: str, *, backend: str, results_root: Path, rows:
     # kit installed in its image instead.
     python = ["python3"] if backend == "skypilot" else [sys.executable]
     jobs = plan(recipe, table, selected, results_root=results_root, work=work, gpus=gpus, nodes=nodes,
-                dense_gate=dense_gate, log=log)
+                dense_gate=dense_gate, tpu=tpu, log=log)
     secrets = [name for name in SECRETS if name in os.environ]
     title = f"lpc repro {recipe.method} --profile {profile}"
     for job in jobs:
         spec = api.JobSpec(argv=[f"{job.name}.sh"], script=script(job, python, title), script_name=f"{job.name}.sh",
                            name=job.name, backend=backend, accelerator=job.accelerator, nodes=job.nodes,
                            secrets=secrets, image=image, workdir=os.getcwd() if backend != "skypilot" else None,
+                           env={name: os.environ[name] for name in FORWARDED if name in os.environ},
                            dependencies=[(job.kind, str(dep.id)) for dep in job.after])
         try:
             job.id = api.submit(spec)[0]

@@ -39,8 +39,21 @@ def test_cpt_few_steps_loss_decreases_and_exports(tmp_path):
     tokens = np.repeat(rows, 4, axis=0)  # a few windows seen again and again: learnable in six steps
     np.save(tmp_path / "tokens.npy", tokens)
     options = _options(model=str(hf), data=str(tmp_path / "tokens.npy"), out=str(tmp_path / "out"), engine="maxtext")
-    assert stages.train(options, log=lambda _: None) == 0  # lpc train --engine maxtext
+    # As a TPU slice's chain runs it (lpc repro --submit skypilot --tpu): three phases, each a command.
+    phase = {name: options.model_copy(update={"phase": name}) for name in ("prepare", "run", "export")}
+    with pytest.raises(UsageError, match="--phase prepare first"):
+        stages.train(phase["run"], log=lambda _: None)
+    assert stages.train(phase["prepare"], log=lambda _: None) == 0
+    assert stages.train(phase["prepare"], log=lambda _: None) == 0  # a rerun finds it prepared, keeps it
+    with pytest.raises(UsageError, match="--phase run first"):
+        stages.train(phase["export"], log=lambda _: None)
+    assert stages.train(phase["run"], log=lambda _: None) == 0
+    assert not (tmp_path / "out" / "train.json").exists()
+    assert stages.train(phase["export"], log=lambda _: None) == 0
     report = json.loads((tmp_path / "out" / "train.json").read_text())
+    # the whole command (phase all) then finds the same inputs trained
+    assert stages.train(options, log=lambda _: None) == 0
+    assert json.loads((tmp_path / "out" / "train.json").read_text()) == report
     assert report["engine"] == "maxtext" and report["options"]["engine"] == "maxtext"
 
     losses = report["losses"]

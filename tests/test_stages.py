@@ -307,6 +307,86 @@ def test_submit_local_runs_the_chain_through_jobman(tmp_path, jobman_home, capsy
     assert "1 jobs submitted" in capsys.readouterr().out
 
 
+def _maxtext_recipe(tmp_path: Path) -> Path:
+    """write_recipe with its training row continued-pre-trained on MaxText instead."""
+    path = write_recipe(tmp_path, rows={"dense": {}, "2of4-sparse": {"sparsity_type": "2:4", "train": "sparse"}})
+    raw = yaml.safe_load(path.read_text())
+    raw["profiles"]["golden"]["training"]["sparse"] = {
+        "kind": "cpt", "engine": "maxtext", "data": "dclm-arrayrecord", "steps": 4, "global_batch": 32,
+        "micro_batch": 2, "seqlen": 64, "lr": 1.0e-3}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_submit_tpu_runs_maxtext_on_every_host_of_the_slice_between_one_host_jobs(tmp_path, monkeypatch):
+    """--tpu v4-32: prepare on one host, MaxText's trainer on the slice (one SkyPilot node, its four
+    hosts from jobman's table), export on one host; the data location travels with the jobs."""
+    from jobman.backends.skypilot import task_config
+    from jobman.spec import JobSpec
+    from repro import submit
+    from repro.recipe import load_recipe
+    from repro.tables import load_profile
+
+    monkeypatch.setenv("LPC_DCLM_ARRAY_RECORD", "gs://bucket/dclm/*.array_record")
+    path = _maxtext_recipe(tmp_path)
+    recipe = load_recipe("magnitude", "golden", path)
+    table = load_profile("magnitude", "golden", recipe.table)
+    work = (tmp_path / "work").resolve()
+    jobs = submit.plan(recipe, table, ["dense", "2of4-sparse"], results_root=tmp_path / "results", work=work,
+                       gpus=None, nodes=1, dense_gate=True, tpu="v4-32", log=lambda _: None)
+    names = [j.name for j in jobs]
+    assert names == ["lpc-magnitude-dense-eval", "lpc-magnitude-2of4-sparse-prune",
+                     "lpc-magnitude-2of4-sparse-train-prepare", "lpc-magnitude-2of4-sparse-train",
+                     "lpc-magnitude-2of4-sparse-train-export", "lpc-magnitude-2of4-sparse-eval", "lpc-magnitude-diff"]
+    prepare, run, export = jobs[2:5]
+    assert [j.accelerator for j in (prepare, run, export)] == [None, "v4-32", None]
+    assert prepare.after == [jobs[1]] and run.after == [prepare] and export.after == [run] and jobs[5].after == [export]
+    for job, phase in ((prepare, "prepare"), (run, "run"), (export, "export")):
+        command = job.command
+        assert command[0] == "train" and command[command.index("--phase") + 1] == phase
+        assert command[command.index("--engine") + 1] == "maxtext" and job.torchrun is None
+        assert ("--tpu" in command) == (phase == "run")
+    text = submit.script(run, ["python3"], "test")
+    assert "torch.distributed.run" not in text and "--tpu v4-32" in text
+    spec = JobSpec(argv=["run.sh"], script=text, script_name="run.sh", name=run.name, backend="skypilot",
+                   accelerator=run.accelerator, nodes=run.nodes, env={"LPC_DCLM_ARRAY_RECORD": "gs://b/*"})
+    config = task_config(spec, job_id=7)
+    assert config["resources"]["accelerators"] == "tpu-v4-32" and config["num_nodes"] == 1
+    assert config["envs"]["LPC_DCLM_ARRAY_RECORD"] == "gs://b/*"
+    # without --tpu (a single machine), the same row is one job of all three phases
+    local = submit.plan(recipe, table, ["2of4-sparse"], results_root=tmp_path / "results", work=work, gpus=None,
+                        nodes=1, dense_gate=True, log=lambda _: None)
+    single = next(j for j in local if j.name.endswith("-train"))
+    assert "--phase" not in single.command and single.torchrun is None and single.accelerator is None
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    (["--submit", "local", "--tpu", "v4-32"], True, "--tpu v4-32: TPU slices are reached through SkyPilot"),
+    (["--submit", "skypilot", "--tpu", "v4-31"], True, "--tpu: unknown TPU accelerator type 'v4-31'"),
+    (["--submit", "skypilot", "--tpu", "v4-32", "--nodes", "2"], True, "drop --nodes"),
+    (["--submit", "skypilot", "--gpus", "v4-32"], True, "pass --tpu v4-32"),
+    (["--submit", "skypilot", "--tpu", "v4-32"], False, "set LPC_DCLM_ARRAY_RECORD"),
+    (["--tpu", "v4-32"], True, "are for the jobs of --submit"),
+])
+def test_submit_tpu_refusals_are_one_line_before_any_job(tmp_path, capsys, monkeypatch, jobman_home, extra, env,
+                                                         message):
+    if env:
+        monkeypatch.setenv("LPC_DCLM_ARRAY_RECORD", "gs://bucket/dclm/*.array_record")
+    else:
+        monkeypatch.delenv("LPC_DCLM_ARRAY_RECORD", raising=False)
+    assert main(repro_args(_maxtext_recipe(tmp_path), tmp_path / "results", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (jobman_home / "jobs").exists()
+
+
+def test_submit_tpu_refuses_a_row_that_trains_with_torchrun(tmp_path, capsys, jobman_home):
+    recipe = write_recipe(tmp_path, rows={"dense": {}, "2of4-sparse": {"sparsity_type": "2:4", "train": "sparse"}})
+    assert main(repro_args(recipe, tmp_path / "results", "--submit", "skypilot", "--tpu", "v4-32")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "row 2of4-sparse trains with the hf engine" in err, err
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="jobman's local backend checks processes through /proc")
 def test_a_failed_stage_cancels_its_dependants(tmp_path, jobman_home, capsys):
     recipe = write_recipe(tmp_path, data=tmp_path / "missing.npy", steps=4,

@@ -60,6 +60,13 @@ class TrainOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda when available, else cpu")
     engine: Literal["hf", "maxtext"] = Field(
         "hf", description="hf: the kit's PyTorch trainer; maxtext: MaxText's trainer (TPU; kind cpt only)")
+    tpu: Optional[str] = Field(
+        None, description="--engine maxtext: the TPU slice this command runs on, every host of it (e.g. v4-32; "
+                          "jobman's table gives its chips, which share the global batch)")
+    phase: Literal["all", "prepare", "run", "export"] = Field(
+        "all", description="--engine maxtext: all, or one part of a multi-host run: prepare (convert the "
+                           "checkpoint and the data; one host), run (MaxText's trainer; every host of the "
+                           "slice), export (the last checkpoint to Hugging Face and train.json; one host)")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
@@ -87,8 +94,7 @@ class TrainOptions(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainOptions":
-        if self.engine == "maxtext":
-            self._check_maxtext()  # first: the rest checks settings of kinds MaxText does not train
+        self._check_maxtext()  # first: the rest checks settings of kinds MaxText does not train
         if self.kind != "lora" and self.steps is None:
             raise ValueError(f"kind {self.kind} needs --steps")
         if self.kind not in KINDS_WITH_SETTINGS and self.recipe:
@@ -108,6 +114,19 @@ class TrainOptions(BaseModel):
         return self
 
     def _check_maxtext(self) -> None:
+        if self.engine != "maxtext":
+            given = "--tpu" if self.tpu is not None else "--phase" if self.phase != "all" else None
+            if given:
+                raise ValueError(f"{given} is an --engine maxtext setting (the hf engine runs under torchrun)")
+            return
+        if self.tpu is not None:
+            from jobman.accelerators import tpu_slice
+            from jobman.errors import UsageError as JobmanUsageError
+
+            try:
+                tpu_slice(self.tpu)
+            except JobmanUsageError as exc:
+                raise ValueError(f"--tpu: {exc}") from None
         # What MaxText 0.2.5's pre-training trainer can express; the rest is the kit's own PyTorch engine.
         if self.kind != "cpt":
             raise ValueError(f"--engine maxtext trains kind cpt only, not {self.kind}; use --engine hf")
@@ -152,7 +171,7 @@ class TrainOptions(BaseModel):
     def fingerprint_fields(self) -> dict:
         """What decides the result: everything but where it goes and how it is scheduled on machines.
         Fields at their defaults are left out, so that a new option does not change earlier runs' identity."""
-        return self.model_dump(exclude={"out", "nproc", "save_every", "keep_checkpoints", "device"},
+        return self.model_dump(exclude={"out", "nproc", "save_every", "keep_checkpoints", "device", "tpu", "phase"},
                                exclude_defaults=True)
 
 

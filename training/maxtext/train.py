@@ -8,8 +8,12 @@
 
 The trainer is MaxText's (`python -m maxtext.trainers.pre_train.train`), one process per host, with
 the config generated from the checkpoint (model keys) and the kit's options (training keys,
-config.training_overrides). On a TPU slice the same command runs on every host (jobman's SkyPilot
-backend); here it runs on the CPU with JAX's CPU build.
+config.training_overrides). Three phases, all run by one `lpc train --engine maxtext`, or one at a
+time (`--phase`) where a TPU slice has several hosts and OUT is on storage they all mount (`lpc repro
+--submit skypilot --tpu v4-32` chains them as three jobs): `prepare` converts the checkpoint and the
+data on one host; `run` is MaxText's trainer on every host of the slice (`--tpu` names it: its chips
+share the global batch); `export` writes the Hugging Face checkpoint and train.json on one host.
+Here it all runs on the CPU with JAX's CPU build.
 
 Kinds: `cpt`. `sparse` needs the gradient masking the collection patched into MaxText (0.2.5 has
 only its own N:M mask search, weight_sparsity_n/m, which re-selects the mask), `kd` MaxText's
@@ -63,10 +67,29 @@ def write_array_record(tokens: np.ndarray, path: Path) -> Path:
     return path
 
 
+# The collection's DCLM shards (`llama3_64_array_record`: 64 ArrayRecord files of Llama-3 tokens,
+# spec 4.1) live in the user's own bucket or disk: a recipe names them by this spec, and the files
+# are where this variable points (a glob or gs:// pattern), on every host that reads them.
+DCLM_ARRAY_RECORD = "dclm-arrayrecord"
+DCLM_ARRAY_RECORD_ENV = "LPC_DCLM_ARRAY_RECORD"
+
+
+def resolve_data(spec: str) -> str:
+    """The files `--data SPEC` names: `dclm-arrayrecord` through its variable, anything else as given."""
+    if spec != DCLM_ARRAY_RECORD:
+        return spec
+    files = os.environ.get(DCLM_ARRAY_RECORD_ENV, "").strip()
+    if not files:
+        raise UsageError(f"--data {DCLM_ARRAY_RECORD}: set {DCLM_ARRAY_RECORD_ENV} to the collection's DCLM "
+                         "ArrayRecord files (a glob or gs://BUCKET/.../*.array_record)")
+    return files
+
+
 def data_files(spec: str, folder: Path, seqlen: int) -> str:
     """MaxText's grain_train_files for `spec`: ArrayRecord files as given, or a token file converted."""
     from repro import data
 
+    spec = resolve_data(spec)
     if ARRAY_RECORD_SUFFIX in spec or spec.startswith("gs://"):
         return spec  # the collection's DCLM shards (a local glob or a bucket path), used as they are
     path = Path(os.path.expanduser(spec))
@@ -122,23 +145,59 @@ def run_overrides(options, *, files: str, devices: int, hardware: str, base_outp
     return keys
 
 
-def train(options, *, log: Callable[[str], None] = print, hardware: Optional[str] = None,
-          devices: int = 1) -> Dict[str, Any]:
-    """Train `options.model` with MaxText as `options` says; returns the report written to train.json."""
+PREPARED = "prepared.json"   # in OUT/maxtext: the inputs' fingerprint and the data files, once both are ready
+TIMING = "run.json"          # in OUT/maxtext/runs/train: the trainer's wall time, for train.json
+
+
+def slice_of(options, hardware: Optional[str], devices: int):
+    """(hardware, devices) of a run: --tpu names the slice (all its chips share the global batch);
+    without it, TPU when the host is a TPU VM, else the CPU with `devices` host devices."""
+    if options.tpu is not None:
+        from jobman.accelerators import tpu_slice
+
+        return "tpu", tpu_slice(options.tpu).chips
+    return hardware or ("cpu" if options.device != "cuda" and not os.environ.get("TPU_NAME") else "tpu"), devices
+
+
+def prepared_stamp(out: Path) -> Optional[str]:
+    """The fingerprint whose inputs OUT/maxtext was prepared from, or None."""
+    path = Path(out) / "maxtext" / PREPARED
+    return json.loads(path.read_text()).get("fingerprint") if path.is_file() else None
+
+
+def prepare(options, *, fingerprint: str, log: Callable[[str], None] = print) -> None:
+    """One host: the starting checkpoint converted to MaxText and the data written as ArrayRecord.
+    Done once; a rerun finds both and leaves them."""
     check_kind(options.kind)
-    out = Path(options.out)
-    work = out / "maxtext"
-    hardware = hardware or ("cpu" if options.device != "cuda" and not os.environ.get("TPU_NAME") else "tpu")
+    work = Path(options.out) / "maxtext"
+    if prepared_stamp(options.out) == fingerprint:
+        return
     from repro.models import resolve
+    from repro.results import write_json_atomic
 
     model_dir = Path(resolve(options.model))
     mtconfig.model_overrides(mtconfig.read_hf_config(model_dir))
     work.mkdir(parents=True, exist_ok=True)
+    resolve_data(options.data)  # an unset data location stops before the conversion
     if not (work / convert.MANIFEST).is_file():
         log(f"converting {options.model} to MaxText")
-        convert.to_maxtext(model_dir, work)
-    manifest = convert.read_manifest(work)
+        convert.to_maxtext(model_dir, work)  # replaces the folder whole
     files = data_files(options.data, work / "data", options.seqlen)
+    write_json_atomic(work / PREPARED, {"fingerprint": fingerprint, "files": files})
+
+
+def run(options, *, log: Callable[[str], None] = print, hardware: Optional[str] = None, devices: int = 1) -> None:
+    """Every host of the slice: MaxText's trainer over the prepared folder. MaxText resumes from the
+    last checkpoint it finds under its run folder, so a rerun after a preemption continues."""
+    check_kind(options.kind)
+    work = Path(options.out) / "maxtext"
+    if not (work / PREPARED).is_file():
+        raise UsageError(f"{work} is not prepared: run the same command with --phase prepare first")
+    from repro.results import write_json_atomic
+
+    hardware, devices = slice_of(options, hardware, devices)
+    files = json.loads((work / PREPARED).read_text())["files"]
+    manifest = convert.read_manifest(work)
     base_output = work / "runs"
     # No model_name (MaxText's default): the generated keys alone describe the model.
     keys = {**manifest["maxtext_model"], "load_parameters_path": str(work / manifest["checkpoint"]),
@@ -152,18 +211,37 @@ def train(options, *, log: Callable[[str], None] = print, hardware: Optional[str
         env["JAX_PLATFORMS"] = "cpu"
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     (base_output / RUN_NAME).mkdir(parents=True, exist_ok=True)  # MaxText appends its metrics file there
-    (work / "train_command.json").write_text(json.dumps(command, indent=1) + "\n")
-    log(f"MaxText training: {options.steps} steps, global batch {options.global_batch}, seq {options.seqlen}")
+    log(f"MaxText training: {options.steps} steps, global batch {options.global_batch}, seq {options.seqlen}, "
+        f"{devices} {hardware} device(s)")
     start = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=str(work))
     if done.returncode != 0:
         raise RuntimeError(f"MaxText's trainer exited with {done.returncode}; its log is above")
-    seconds = time.perf_counter() - start
-    losses = read_losses(base_output / RUN_NAME / "metrics.jsonl")
-    step_dir = last_checkpoint(base_output / RUN_NAME / "checkpoints")
-    export(work, step_dir, out)
-    return {"engine": "maxtext", "losses": losses, "seconds": seconds, "maxtext_checkpoint": str(step_dir),
-            "maxtext_keys": keys}
+    # Every host writes the same record (an atomic replace): the last one's wall time stays.
+    write_json_atomic(base_output / RUN_NAME / TIMING, {"seconds": time.perf_counter() - start, "keys": keys,
+                                                         "command": command})
+
+
+def finish(options) -> Dict[str, Any]:
+    """One host, after the run: the last checkpoint exported to Hugging Face in OUT; the report."""
+    work = Path(options.out) / "maxtext"
+    run_folder = work / "runs" / RUN_NAME
+    if not (run_folder / TIMING).is_file():
+        raise UsageError(f"{run_folder} holds no finished MaxText run: run the same command with --phase run first")
+    timing = json.loads((run_folder / TIMING).read_text())
+    step_dir = last_checkpoint(run_folder / "checkpoints")
+    export(work, step_dir, Path(options.out))
+    return {"engine": "maxtext", "losses": read_losses(run_folder / "metrics.jsonl"), "seconds": timing["seconds"],
+            "maxtext_checkpoint": str(step_dir), "maxtext_keys": timing["keys"]}
+
+
+def train(options, *, fingerprint: str, log: Callable[[str], None] = print, hardware: Optional[str] = None,
+          devices: int = 1) -> Dict[str, Any]:
+    """Train `options.model` with MaxText as `options` says, all three phases here; returns the
+    report written to train.json."""
+    prepare(options, fingerprint=fingerprint, log=log)
+    run(options, log=log, hardware=hardware, devices=devices)
+    return finish(options)
 
 
 def read_losses(metrics: Path) -> List[float]:
