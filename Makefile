@@ -136,8 +136,9 @@ report: $(VENV)/.stamp
 	@mkdir -p $(RESULTS)
 	set -o pipefail; $(VENV)/bin/lpc diff --all --results-dir $(RESULTS) | tee $(RESULTS)/report.md
 
-bench: setup
+bench: setup $(VENVMT)/.stamp
 	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json
+	$(VENVMT)/bin/python -m repro.bench --maxtext-eval smoke --out bench/out/bench-maxtext.json
 
 clean:
 	rm -rf $(VENV) $(VENV443) $(VENVJOB) $(VENVMT) build *.egg-info

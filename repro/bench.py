@@ -264,15 +264,19 @@ def main(argv=None) -> int:
     parser.add_argument("--train-batch", type=int, default=2, help="sequences per step (one micro-batch)")
     parser.add_argument("--train-seqlen", type=int, default=128)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one part here
-    parser.add_argument("--maxtext-eval", metavar="MT_DIR",
-                        help="only the MaxText lm-eval bench on this converted checkpoint (MaxText venv)")
+    parser.add_argument("--maxtext-eval", metavar="MT_DIR|smoke",
+                        help="only the MaxText lm-eval bench on this converted checkpoint, or on the smoke model "
+                             "converted once next to --out (MaxText venv)")
     args = parser.parse_args(argv)
     from repro.results import write_json_atomic
 
     if args.maxtext_eval:
-        result = maxtext_eval(args.maxtext_eval)
-        print(json.dumps(result, indent=1))
-        write_json_atomic(args.out, {"results": [result]})
+        from repro.provenance import provenance
+
+        result = maxtext_eval(maxtext_checkpoint(args.maxtext_eval, args.out.parent))
+        print_maxtext_eval(result)
+        write_json_atomic(args.out, {"results": [result], "provenance": provenance()})
+        print(f"wrote {args.out}")
         return 0
     if args.one:
         print(json.dumps(_run_here(args.one, args)))
@@ -515,6 +519,27 @@ def print_training(result: dict) -> None:
 # one-request-at-a-time MaxText path (batch 1, unpadded: a compile per distinct length, as the
 # collection's orbax_lm) against the batched, length-bucketed backend, on the same requests, in one run.
 
+def maxtext_checkpoint(spec: str, folder: Path) -> str:
+    """`smoke`: the smoke model converted to MaxText once, in `folder`; anything else: a MaxText directory."""
+    if spec != "smoke":
+        return spec
+    from repro.models import resolve
+    from training.maxtext import convert
+
+    target = folder / "maxtext-smoke"
+    if not (target / convert.MANIFEST).is_file():
+        convert.to_maxtext(Path(resolve("smoke")), target)
+    return str(target)
+
+
+def print_maxtext_eval(result: dict) -> None:
+    one, batched = result["one_at_a_time"], result["batched_buckets"]
+    print(f"{'maxtext':10s} lm-eval loglikelihood, {result['requests']} requests: one at a time "
+          f"{one['seconds']:7.2f} s ({one['compiled_shapes']} compiled shapes)  batched {result['batch_size']} in "
+          f"length buckets {batched['seconds']:7.2f} s ({batched['compiled_shapes']} shapes)  speed-up "
+          f"{result['speedup']:.2f}x (collection's claim 2-4x)  max |d loglik| {result['max_loglikelihood_difference']:.1e}")
+
+
 def maxtext_eval(checkpoint: str, *, requests: int = 64, batch_size: int = 8, max_length: int = 256) -> dict:
     from lm_eval.api.instance import Instance
 
@@ -543,7 +568,7 @@ def maxtext_eval(checkpoint: str, *, requests: int = 64, batch_size: int = 8, ma
 
 
 PRINTERS = {"prune": print_prune, "smoke_row": print_smoke_row, "eval_parity": print_eval_parity,
-            "train_throughput": print_training, "train_mfu": print_training, "maxtext_eval": print}
+            "train_throughput": print_training, "train_mfu": print_training, "maxtext_eval": print_maxtext_eval}
 
 if __name__ == "__main__":
     sys.exit(main())

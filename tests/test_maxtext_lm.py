@@ -92,3 +92,18 @@ def test_eval_backend_scores_as_the_hf_path(tiny):
     reference = scoring.run_tasks(model, tokenizer, ["lpc_smoke_mc"], batch_size=4, limit=8)
     got = scoring.run_tasks(ours, our_tokenizer, ["lpc_smoke_mc"], batch_size=4, limit=8)
     assert got["lpc_smoke_mc"]["metrics"] == reference["lpc_smoke_mc"]["metrics"]
+
+
+def test_bench_compares_the_two_paths_on_the_same_requests(tiny, capsys):
+    """`make bench`'s MaxText part: both paths score the same requests alike, and the batched one
+    compiles fewer shapes; its seconds are what the bench reports, not asserted here."""
+    from repro import bench
+
+    _, mt = tiny
+    result = bench.maxtext_eval(str(mt), requests=12, batch_size=4, max_length=128)
+    assert result["max_loglikelihood_difference"] <= 1e-3
+    one, batched = result["one_at_a_time"], result["batched_buckets"]
+    assert batched["compiled_shapes"] < one["compiled_shapes"]
+    assert result["speedup"] == pytest.approx(one["seconds"] / batched["seconds"])
+    bench.print_maxtext_eval(result)
+    assert "speed-up" in capsys.readouterr().out
