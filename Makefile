@@ -71,8 +71,9 @@ smoke-model: $(SMOKE_MODEL)
 setup: $(VENV)/.stamp $(VENV443)/.stamp $(VENVJOB)/.stamp $(VENVMT)/.stamp $(SMOKE_MODEL)
 
 # ---- tests ----------------------------------------------------------------------------------
+# --durations: the slowest tests in CI's log, to keep the suite within its budget (README, Development).
 test: setup
-	$(VENV)/bin/python -m pytest -q --ignore=tests/jobman
+	$(VENV)/bin/python -m pytest -q --durations=20 --ignore=tests/jobman
 	$(MAKE) --no-print-directory test-tf443 test-jobman test-maxtext
 
 test-jobman: $(VENVJOB)/.stamp

@@ -171,6 +171,16 @@ def test_round_trip_reproduces_every_tensor(converted, kind):
     assert np.array_equal(reloaded, _hf_logits(hf, np.arange(12)[None] % old["vocab_size"]))
 
 
+@needs_maxtext
+def test_a_relative_maxtext_path_reads_as_the_absolute_one(converted, monkeypatch):
+    """Orbax reads a relative folder as an empty tree; the kit resolves it first (`lpc eval --model mt/x`)."""
+    from training.maxtext import convert
+
+    _, mt, _ = converted["gqa"]
+    monkeypatch.chdir(mt.parent)
+    assert convert.params_path(Path(mt.name)) == convert.params_path(mt)
+
+
 # ----------------------------------------------------------------------------- refusals (any venv)
 
 def _main_error(capsys, argv):

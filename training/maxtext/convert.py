@@ -236,7 +236,7 @@ def read_manifest(mt_dir: Path) -> Dict[str, Any]:
 
 def params_path(mt_dir: Path, manifest: Optional[Dict[str, Any]] = None) -> Path:
     """The Orbax item holding the parameters, or one UsageError line if there are none."""
-    mt_dir = Path(mt_dir)
+    mt_dir = Path(mt_dir).resolve()  # Orbax reads a relative path as nothing at all
     manifest = manifest or read_manifest(mt_dir)
     items = mt_dir / manifest["checkpoint"]
     if not items.is_dir():

@@ -72,11 +72,11 @@ class MaxTextLM(TemplateLM):
         import jax
         import jax.numpy as jnp
 
-        forward = self.model.forward_fn()
+        apply = self.model.apply_fn()
 
         @jax.jit
-        def scores(tokens, targets):
-            logits = forward(tokens, jnp.ones_like(tokens))
+        def scores(params, tokens, targets):
+            logits = apply(params, tokens, jnp.ones_like(tokens))
             logp = jax.nn.log_softmax(logits, axis=-1)
             picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
             return picked, jnp.argmax(logits, axis=-1) == targets
@@ -96,7 +96,7 @@ class MaxTextLM(TemplateLM):
             targets[i, len(inp) - 1] = cont[-1]
         self.compiled_shapes.add(tokens.shape)
         with self.model.mesh:
-            picked, greedy = self._scores(tokens, targets)
+            picked, greedy = self._scores(self.model.params, tokens, targets)
         picked, greedy = np.asarray(picked), np.asarray(greedy)
         out = []
         for i, (inp, cont) in enumerate(rows):

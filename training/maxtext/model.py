@@ -24,30 +24,33 @@ class MaxTextModel:
     vocab_size: int
     seqlen: int
 
-    def forward_fn(self):
-        """A jitted (tokens [B, S], segment ids [B, S]) -> fp32 logits [B, S, V]; one compile per shape."""
-        import jax
+    def apply_fn(self):
+        """(params, tokens [B, S], segment ids [B, S]) -> fp32 logits [B, S, V], to be jitted by the
+        caller with the parameters as an argument: closed over, XLA would fold every weight into the
+        program as a constant, making each compile slow and each cached program as large as the model."""
         import jax.numpy as jnp
 
         from maxtext.common.common_types import MODEL_MODE_TRAIN
 
-        model, params = self.model, self.params
+        model = self.model
 
-        @jax.jit
-        def forward(tokens, segments):
+        def apply(params, tokens, segments):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
             out = model.apply(params, tokens, positions, decoder_segment_ids=segments, enable_dropout=False,
                               model_mode=MODEL_MODE_TRAIN)
             return out.astype(jnp.float32)
 
-        return forward
+        return apply
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """fp32 logits of `tokens`; one compile per shape."""
+        import jax
+
         tokens = np.asarray(tokens, dtype=np.int32)
         if not hasattr(self, "_forward"):
-            self._forward = self.forward_fn()
+            self._forward = jax.jit(self.apply_fn())
         with self.mesh:
-            out = self._forward(tokens, np.ones_like(tokens))
+            out = self._forward(self.params, tokens, np.ones_like(tokens))
         return np.asarray(out)
 
 
