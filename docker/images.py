@@ -48,6 +48,9 @@ class LocalBase:
     keyring_url: Optional[str] = None  # a keyring debootstrap does not have (Ubuntu's on Debian)
     keyring_sha256: Optional[str] = None
     keyring_path: Optional[str] = None  # the keyring file inside that package
+    # debootstrap script of a suite newer than the host's debootstrap (Debian 12's 1.0.128 has none
+    # for Ubuntu after jammy; every Ubuntu suite since gutsy uses gutsy's)
+    script: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,13 @@ LOCAL_BASES: Dict[str, LocalBase] = {
         keyring_url="http://archive.ubuntu.com/ubuntu/pool/main/u/ubuntu-keyring/ubuntu-keyring_2021.03.26_all.deb",
         keyring_sha256="0d0e7ed6b112f5d03eabf3c7eb01ebdacf9c57714b279e90495cfc58c8c4520f",
         keyring_path="usr/share/keyrings/ubuntu-archive-keyring.gpg"),
+    # Ubuntu 24.04: python3.12 in main, python3.12-venv in universe. Its Release file is signed with
+    # the same 2018 archive key, so jammy's keyring package (same sha256) verifies it too.
+    "noble": LocalBase(
+        "ubuntu", "http://archive.ubuntu.com/ubuntu", python="3.12", components="main,universe",
+        keyring_url="http://archive.ubuntu.com/ubuntu/pool/main/u/ubuntu-keyring/ubuntu-keyring_2021.03.26_all.deb",
+        keyring_sha256="0d0e7ed6b112f5d03eabf3c7eb01ebdacf9c57714b279e90495cfc58c8c4520f",
+        keyring_path="usr/share/keyrings/ubuntu-archive-keyring.gpg", script="gutsy"),
 }
 
 # One entry per image; docker/README.md gives the reasons for each image's pins. The heavier
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
         print("SUITE=%s" % key)
         print("REF=localhost/lpc-base:%s-minbase" % key)
         for field in ("distribution", "mirror", "python", "components", "keyring_url", "keyring_sha256",
-                      "keyring_path"):
+                      "keyring_path", "script"):
             print("%s=%s" % (field.upper(), getattr(local, field) or ""))
     elif cmd == "check":
         bad = problems()
