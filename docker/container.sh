@@ -151,10 +151,10 @@ build() {
 local_base() {
     local image="$1" key value
     need_engine
-    local SUITE="" REF="" MIRROR="" COMPONENTS="" KEYRING_URL="" KEYRING_SHA256="" KEYRING_PATH=""
+    local SUITE="" REF="" MIRROR="" COMPONENTS="" KEYRING_URL="" KEYRING_SHA256="" KEYRING_PATH="" SCRIPT=""
     while IFS='=' read -r key value; do
         case "${key}" in
-            SUITE|REF|MIRROR|COMPONENTS|KEYRING_URL|KEYRING_SHA256|KEYRING_PATH) printf -v "${key}" '%s' "${value}" ;;
+            SUITE|REF|MIRROR|COMPONENTS|KEYRING_URL|KEYRING_SHA256|KEYRING_PATH|SCRIPT) printf -v "${key}" '%s' "${value}" ;;
         esac
     done < <(images local-base "${image}")
     if eng image inspect "${REF}" >/dev/null 2>&1; then echo "${REF}"; return; fi
@@ -172,8 +172,11 @@ local_base() {
         dpkg-deb -x "${work}/keyring.deb" "${work}/keyring"
         opts+=(--keyring="${work}/keyring/${KEYRING_PATH}")
     fi
+    # A suite the host's debootstrap has no script for is named with the script it shares.
+    local script=()
+    if [ -n "${SCRIPT}" ]; then script=("${DEBOOTSTRAP_DIR:-/usr/share/debootstrap}/scripts/${SCRIPT}"); fi
     echo "local base ${REF}: debootstrap ${SUITE} from ${MIRROR}" >&2
-    debootstrap "${opts[@]}" "${SUITE}" "${rootfs}" "${MIRROR}" >"${log}" 2>&1 \
+    debootstrap "${opts[@]}" "${SUITE}" "${rootfs}" "${MIRROR}" ${script[@]+"${script[@]}"} >"${log}" 2>&1 \
         || fail "local base ${REF}: debootstrap ${SUITE} failed: $(tail -n 1 "${log}")"
     if [ -d /usr/local/share/ca-certificates ]; then
         mkdir -p "${rootfs}/usr/local/share/ca-certificates"

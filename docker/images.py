@@ -48,6 +48,9 @@ class LocalBase:
     keyring_url: Optional[str] = None  # a keyring debootstrap does not have (Ubuntu's on Debian)
     keyring_sha256: Optional[str] = None
     keyring_path: Optional[str] = None  # the keyring file inside that package
+    # debootstrap script of a suite newer than the host's debootstrap (Debian 12's 1.0.128 has none
+    # for Ubuntu after jammy; every Ubuntu suite since gutsy uses gutsy's)
+    script: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ CUDA_12_4 = ("nvidia/cuda:12.4.1-runtime-ubuntu22.04"
 CUDA_12_1 = ("nvidia/cuda:12.1.1-runtime-ubuntu22.04"
              "@sha256:8bbc6e304b193e84327fa30d93eea70ec0213b808239a46602a919a479a73b12")
 
+# Ubuntu 24.04 carries python3.12, which maxtext 0.2.5 requires; a TPU VM needs no CUDA base. The
+# digest is the one that independent public projects pin as ubuntu:24.04 (one of them as
+# ubuntu:noble-20260610), for linux/amd64 and linux/arm64 alike, so the multi-arch index; not
+# pulled here either.
+NOBLE = "ubuntu:24.04@sha256:4fbb8e6a8395de5a7550b33509421a2bafbc0aab6c06ba2cef9ebffbc7092d90"
+
 LOCAL_BASES: Dict[str, LocalBase] = {
     "bullseye": LocalBase("debian", "http://deb.debian.org/debian", python="3.9"),
     # Debian ships no Ubuntu keyring: take Ubuntu's own package, pinned by its sha256 (it holds the
@@ -83,6 +92,13 @@ LOCAL_BASES: Dict[str, LocalBase] = {
         keyring_url="http://archive.ubuntu.com/ubuntu/pool/main/u/ubuntu-keyring/ubuntu-keyring_2021.03.26_all.deb",
         keyring_sha256="0d0e7ed6b112f5d03eabf3c7eb01ebdacf9c57714b279e90495cfc58c8c4520f",
         keyring_path="usr/share/keyrings/ubuntu-archive-keyring.gpg"),
+    # Ubuntu 24.04: python3.12 in main, python3.12-venv in universe. Its Release file is signed with
+    # the same 2018 archive key, so jammy's keyring package (same sha256) verifies it too.
+    "noble": LocalBase(
+        "ubuntu", "http://archive.ubuntu.com/ubuntu", python="3.12", components="main,universe",
+        keyring_url="http://archive.ubuntu.com/ubuntu/pool/main/u/ubuntu-keyring/ubuntu-keyring_2021.03.26_all.deb",
+        keyring_sha256="0d0e7ed6b112f5d03eabf3c7eb01ebdacf9c57714b279e90495cfc58c8c4520f",
+        keyring_path="usr/share/keyrings/ubuntu-archive-keyring.gpg", script="gutsy"),
 }
 
 # One entry per image; docker/README.md gives the reasons for each image's pins. The heavier
@@ -120,9 +136,18 @@ IMAGES: Dict[str, Image] = {
                "--seqlen 128 --lr 1e-4 --option val_set_size=16 --option warmup_steps=1 --option precision=fp32 "
                "--out %s/smoke/train-lora --overwrite" % RESULTS,
                repro("sheared", "dense", "random"))),
-    # The TPU image (`maxtext`: python 3.12, jax[tpu], MaxText) joins here as one more entry, with
-    # a digest-pinned base that has python 3.12, a local base of the same python, and the lock folder
-    # docker/maxtext/.
+    # The TPU path: no method runs here, so its smoke commands are the path's own, on the CPU (JAX's
+    # TPU wheel falls back to the CPU without a TPU): the smoke model converted to MaxText, scored
+    # with MaxText's JAX model against the dense row's smoke references (`--gate` exits 1 when off),
+    # and converted back to Hugging Face.
+    "maxtext": Image(
+        python="3.12", base=NOBLE, local_base="noble",
+        summary="TPU path: MaxText conversion, training on TPU and the MaxText lm-eval backend (jax[tpu], libtpu)",
+        smoke=("lpc convert --to maxtext --model smoke --out %s/smoke/maxtext --overwrite" % RESULTS,
+               "lpc eval --backend maxtext --model %s/smoke/maxtext --method shortgpt --profile smoke --row dense "
+               "--results-dir %s --gate" % (RESULTS, RESULTS),
+               "lpc convert --to hf --model %s/smoke/maxtext --out %s/smoke/maxtext-hf --overwrite"
+               % (RESULTS, RESULTS))),
 }
 
 FIELDS = ("python", "base", "local_base", "summary")
@@ -227,7 +252,7 @@ def main(argv=None) -> int:
         print("SUITE=%s" % key)
         print("REF=localhost/lpc-base:%s-minbase" % key)
         for field in ("distribution", "mirror", "python", "components", "keyring_url", "keyring_sha256",
-                      "keyring_path"):
+                      "keyring_path", "script"):
             print("%s=%s" % (field.upper(), getattr(local, field) or ""))
     elif cmd == "check":
         bad = problems()

@@ -43,7 +43,8 @@ DOCKERFILE = DOCKER / "Dockerfile"
 WORKFLOW = ROOT / ".github" / "workflows" / "images.yml"
 DATA = Path(__file__).resolve().parent / "container_data"
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)$")
+# An input file may name extras (jax[tpu]: pip-compile then holds libtpu to jax's range); a lock has none.
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[A-Za-z0-9,._-]+\])?==([A-Za-z0-9.+!_-]+)$")
 
 sys.path.insert(0, str(DOCKER))
 try:
@@ -70,6 +71,9 @@ EXPECTED_PINS = {
                   "sentencepiece": "0.1.99", "datasets": "2.16.0", "lm-eval": "0.4.7"},
     "train": {"torch": "2.5.0", "transformers": "4.43.3", "datasets": "4.4.1", "peft": "0.13.0",
               "lm-eval": "0.4.8"},
+    # the kit's MaxText venv (requirements/maxtext.txt) plus the libtpu that jax 0.11.1's `tpu` extra takes
+    "maxtext": {"maxtext": "0.2.5", "jax": "0.11.1", "jaxlib": "0.11.1", "libtpu": "0.0.46.3", "torch": "2.13.0",
+                "transformers": "5.24.0", "lm-eval": "0.4.13"},
 }
 # The kit's runtime (pyproject dependencies, the eval and smoke extras, LoRA recovery) in every image;
 # sentencepiece wherever the original ran Llama's slow tokenizer, matplotlib where the methods' tables
@@ -288,8 +292,8 @@ def test_image_pins_its_original_environment(family):
     for name in KIT_PACKAGES + EXTRA_PACKAGES.get(family, ()):
         assert name in locked, "%s: the kit needs %s" % (family, name)
     assert locked["lm-eval"].startswith("0.4."), "the kit evaluates through lm-eval 0.4.x"
-    # PyPI's default (CUDA) torch build with its runtime wheels
-    assert "nvidia-cudnn-cu12" in locked and "triton" in locked
+    # PyPI's default (CUDA) torch build with its runtime wheels (cu12 for torch 2.1 and 2.5, cu13 for maxtext's 2.13)
+    assert any(name.startswith("nvidia-cudnn-cu") for name in locked) and "triton" in locked
     python = images.IMAGES[family].python
     for lock in ("requirements.lock", "requirements-bootstrap.lock"):
         header = (DOCKER / family / lock).read_text()
@@ -823,6 +827,12 @@ def test_image_builds_and_passes_its_smoke_commands(image):
         assert wanted <= written, (cmd, sorted(written))
     manifests = [p for cmd in repros for p in sorted((results / "smoke" / cmd[2]).glob("*.json"))]
     manifests += sorted(results.glob("smoke/*/train.json"))
+    # `lpc eval` writes <results-dir>/<profile>/<method>/<row>.json (the image's results dir is mounted
+    # at RESULTS, so a command that writes there writes under `results` on the host)
+    for cmd in (c.split() for c in images.IMAGES[image].smoke if c.startswith("lpc eval ")):
+        flag = {k: v for k, v in zip(cmd, cmd[1:]) if k.startswith("--")}
+        where = Path(flag["--results-dir"].replace(images.RESULTS, str(results), 1))
+        manifests.append(where / flag.get("--profile", "smoke") / flag["--method"] / (flag["--row"] + ".json"))
     assert manifests, "no smoke command of %s wrote a result" % image
     for path in manifests:
         provenance = json.loads(path.read_text())["provenance"]
@@ -834,6 +844,10 @@ def test_image_builds_and_passes_its_smoke_commands(image):
         assert report["steps"] == 3 and math.isfinite(report["train_loss"]), report
         timings["lora_train_loss"] = report["train_loss"]
         timings["fsdp2_two_processes"] = _fsdp2_in_the_train_image(run_env, runner, results)
+    if image == "maxtext":
+        # both conversions wrote what the kit reads back: MaxText's folder and a Hugging Face checkpoint
+        assert (results / "smoke" / "maxtext" / "lpc_maxtext.json").is_file()
+        assert (results / "smoke" / "maxtext-hf" / "config.json").is_file()
     _record(image, timings)
 
 
