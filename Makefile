@@ -137,7 +137,7 @@ report: $(VENV)/.stamp
 	@mkdir -p $(RESULTS)
 	set -o pipefail; $(VENV)/bin/lpc diff --all --results-dir $(RESULTS) | tee $(RESULTS)/report.md
 
-bench: setup $(VENVMT)/.stamp
+bench: setup
 	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json
 	$(VENVMT)/bin/python -m repro.bench --maxtext-eval smoke --out bench/out/bench-maxtext.json
 

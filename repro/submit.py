@@ -74,13 +74,9 @@ def parse_tpu(text: Optional[str], *, backend: str, nodes: int) -> Optional[str]
     (the other stages run where --gpus says, as without it)."""
     if text is None:
         return None
-    from jobman.accelerators import tpu_slice
-    from jobman.errors import UsageError as JobmanUsageError
+    from training.options import tpu_slice
 
-    try:
-        accelerator = tpu_slice(text)
-    except JobmanUsageError as exc:
-        raise UsageError(f"--tpu: {exc}") from None
+    accelerator = tpu_slice(text)
     if backend != "skypilot":
         raise UsageError(f"--tpu {text}: TPU slices are reached through SkyPilot; use --submit skypilot")
     if nodes != 1:

@@ -120,13 +120,7 @@ class TrainOptions(BaseModel):
                 raise ValueError(f"{given} is an --engine maxtext setting (the hf engine runs under torchrun)")
             return
         if self.tpu is not None:
-            from jobman.accelerators import tpu_slice
-            from jobman.errors import UsageError as JobmanUsageError
-
-            try:
-                tpu_slice(self.tpu)
-            except JobmanUsageError as exc:
-                raise ValueError(f"--tpu: {exc}") from None
+            tpu_slice(self.tpu)
         # What MaxText 0.2.5's pre-training trainer can express; the rest is the kit's own PyTorch engine.
         if self.kind != "cpt":
             raise ValueError(f"--engine maxtext trains kind cpt only, not {self.kind}; use --engine hf")
@@ -173,6 +167,17 @@ class TrainOptions(BaseModel):
         Fields at their defaults are left out, so that a new option does not change earlier runs' identity."""
         return self.model_dump(exclude={"out", "nproc", "save_every", "keep_checkpoints", "device", "tpu", "phase"},
                                exclude_defaults=True)
+
+
+def tpu_slice(text: str):
+    """`--tpu TYPE` as jobman's table describes the slice (hosts, chips), or one UsageError line."""
+    from jobman.accelerators import tpu_slice as jobman_tpu_slice
+    from jobman.errors import UsageError as JobmanUsageError
+
+    try:
+        return jobman_tpu_slice(text)
+    except JobmanUsageError as exc:
+        raise UsageError(f"--tpu: {exc}") from None
 
 
 def parse_options(values: dict, *, where: str = "lpc train") -> TrainOptions:

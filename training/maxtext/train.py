@@ -153,7 +153,7 @@ def slice_of(options, hardware: Optional[str], devices: int):
     """(hardware, devices) of a run: --tpu names the slice (all its chips share the global batch);
     without it, TPU when the host is a TPU VM, else the CPU with `devices` host devices."""
     if options.tpu is not None:
-        from jobman.accelerators import tpu_slice
+        from training.options import tpu_slice
 
         return "tpu", tpu_slice(options.tpu).chips
     return hardware or ("cpu" if options.device != "cuda" and not os.environ.get("TPU_NAME") else "tpu"), devices
