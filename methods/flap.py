@@ -58,6 +58,7 @@ from methods import surgery, width_stats
 from methods.anatomy import decoder_layers
 from methods.calibration import LayerInputs, gather_inputs, sequential_layers
 from methods.errors import UsageError
+from methods.numerics import running_zeros, widened
 from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
 
@@ -99,6 +100,7 @@ class InputFluctuation:
         batch = inp.shape[0] if inp.dim() == 3 else 1
         x = inp.reshape(-1, inp.shape[-1]).t()   # [channels, tokens], model dtype
         seen = self.nsamples
+        self.baseline, self.fluc = running_zeros(self.baseline, x), running_zeros(self.fluc, x)
         old = self.baseline.clone() if self.exact else None
         self.baseline *= seen / (seen + batch)
         # The token mean is taken in the model dtype before it joins the fp32 running mean, as upstream.
@@ -151,7 +153,7 @@ def collect_statistics(model: nn.Module, calib: torch.Tensor, options: Options,
         metrics = {}
         for name, linear in linears.items():
             metric = channel_metric(options.metrics, linear.weight.data, stats[name], norms.get(name))
-            metrics[name] = (metric ** 2 if name == ATTN else metric).float().cpu()
+            metrics[name] = widened(metric ** 2 if name == ATTN else metric).cpu()
             width_stats.publish(index, name, "baseline_inp", stats[name].baseline)
             if name in norms:
                 width_stats.publish(index, name, "scaler_inp", norms[name].value)

@@ -42,6 +42,7 @@ from torch import nn
 from methods import depth, surgery
 from methods.anatomy import decoder_layers
 from methods.errors import UsageError
+from methods.numerics import running_zeros, widened
 from methods.options import method_options
 
 
@@ -66,10 +67,11 @@ class Importance:
     def add(self, x: torch.Tensor) -> None:
         """Fold in one hooked tensor x [batch, seq, units]."""
         x = x.detach()
+        self.total = running_zeros(self.total, x)
         if self.aggregation == "collection":
             self.total += x.abs().mean(dim=0).pow(2).sum(dim=0)
         else:
-            self.total += x.float().abs().mean(dim=1).pow(2).sum(dim=0)
+            self.total += widened(x).abs().mean(dim=1).pow(2).sum(dim=0)
 
     @property
     def value(self) -> torch.Tensor:

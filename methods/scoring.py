@@ -76,6 +76,7 @@ import torch.nn.functional as F
 
 from methods.anatomy import batch_that_fits, parse_batch_size
 from methods.errors import UsageError
+from methods.numerics import widened
 
 # The shipped task folder stays with the kit's other assets; only its path is needed here.
 SMOKE_TASK_DIR = Path(__file__).resolve().parents[1] / "repro" / "assets" / "tasks"
@@ -143,7 +144,7 @@ def _next_token_logits(model, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.
     """float32 logits of positions 0..L-2 and the tokens 1..L-1 they predict, flattened over the batch."""
     device = model.get_input_embeddings().weight.device
     batch = batch.to(device=device, dtype=torch.long)
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
+    logits = widened(model(input_ids=batch, use_cache=False).logits[:, :-1, :])
     return logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
 
 

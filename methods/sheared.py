@@ -68,6 +68,7 @@ from torch import nn
 from methods import surgery
 from methods.anatomy import decoder_layers
 from methods.errors import UsageError
+from methods.numerics import widened
 from methods.options import method_options
 
 LIMIT_LOW, LIMIT_HIGH = -0.1, 1.1          # the stretch interval of the hard-concrete distribution
@@ -456,7 +457,7 @@ class Masking:
         x = args[0]
         hidden = self.zs.hidden
         kept = torch.nonzero(hidden != 0).reshape(-1)
-        state = x.float()
+        state = widened(x)
         variance = state.index_select(-1, kept).pow(2).mean(-1, keepdim=True)
         normed = module.weight * (state * torch.rsqrt(variance + module.variance_epsilon)).to(x.dtype)
         return normed * hidden.to(normed.dtype)

@@ -30,6 +30,7 @@ from methods import gradients, surgery
 from methods.anatomy import decoder_layers
 from methods.depth import input_device, layers_skipped, on_device
 from methods.errors import UsageError
+from methods.numerics import widened
 from methods.options import method_options
 from methods.scoring import perplexity
 
@@ -135,7 +136,7 @@ def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options,
             values = []
             for name, p in block:
                 # The product in the dtype the backward ran in, then fp32, as the original did.
-                values.append(_weight_score((p.detach() * p.grad).float(), name, options))
+                values.append(_weight_score(widened(p.detach() * p.grad), name, options))
                 p.grad = None  # free as we go: a 7B model's fp32 gradients alone take 26 GB
             scores.append(_reduce(torch.tensor(values, dtype=torch.float32), options.block_reduction).item())
     return scores

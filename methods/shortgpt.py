@@ -42,6 +42,7 @@ from torch import nn
 
 from methods import depth, surgery
 from methods.anatomy import decoder_layers
+from methods.numerics import widened
 from methods.options import method_options
 
 
@@ -91,7 +92,7 @@ def collection_bi(model: nn.Module, calib: torch.Tensor) -> List[float]:
     sums = [0.0] * len(decoder_layers(model))
 
     def on_layer(index: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
-        cos = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+        cos = F.cosine_similarity(widened(hidden_in), widened(hidden_out), dim=-1)
         sums[index] += (1 - cos.mean()).item()
 
     with depth.watch_layers(model, on_layer):
@@ -111,10 +112,10 @@ def _hidden_states(model: nn.Module, row: torch.Tensor) -> List[torch.Tensor]:
     states: Dict[int, torch.Tensor] = {}
 
     def on_layer(index: int, hidden_in: torch.Tensor, _out: torch.Tensor) -> None:
-        states[index] = hidden_in.detach().reshape(-1, hidden_in.shape[-1]).float()
+        states[index] = widened(hidden_in.detach().reshape(-1, hidden_in.shape[-1]))
 
     def on_norm(_module, _args, output) -> None:
-        states[len(states)] = output.detach().reshape(-1, output.shape[-1]).float()
+        states[len(states)] = widened(output.detach().reshape(-1, output.shape[-1]))
 
     handle = model.model.norm.register_forward_hook(on_norm)
     try:

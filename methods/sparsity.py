@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, model_validator
 
 from methods.errors import UsageError
+from methods.numerics import running_zeros, widened
 from methods.options import method_options
 
 
@@ -101,7 +102,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     the slices are batched here, which leaves topk's per-slice tie order unchanged (tested).
     """
     rows, cols = scores.shape
-    blocks = scores.float().reshape(rows, cols // m, m)
+    blocks = widened(scores).reshape(rows, cols // m, m)
     lowest = torch.topk(blocks, n, dim=-1, largest=False)[1]
     mask = torch.zeros_like(blocks, dtype=torch.bool)
     mask.scatter_(-1, lowest, True)
@@ -172,14 +173,15 @@ class InputSquaredNorm:
 
     def add(self, inp: torch.Tensor) -> None:
         batch = inp.shape[0] if inp.dim() == 3 else 1
-        x = inp.reshape(-1, inp.shape[-1]).t().float()
+        x = widened(inp.reshape(-1, inp.shape[-1]).t())
+        self.value = running_zeros(self.value, x)
         self.value *= self.nsamples / (self.nsamples + batch)
         self.nsamples += batch
         self.value += torch.norm(x, p=2, dim=1) ** 2 / self.nsamples
 
 
 class Hessian:
-    """SparseGPT's H = (2/N) Σ x xᵀ, kept as a running average over samples in fp32."""
+    """SparseGPT's H = (2/N) Σ x xᵀ, kept as a running average over samples in fp32 (fp64 for fp64 inputs)."""
 
     def __init__(self, in_features: int, device: torch.device):
         self.value = torch.zeros((in_features, in_features), device=device, dtype=torch.float32)
@@ -188,9 +190,10 @@ class Hessian:
     def add(self, inp: torch.Tensor) -> None:
         batch = inp.shape[0] if inp.dim() == 3 else 1
         x = inp.reshape(-1, inp.shape[-1]).t()
+        self.value = running_zeros(self.value, x)
         self.value *= self.nsamples / (self.nsamples + batch)
         self.nsamples += batch
-        x = math.sqrt(2 / self.nsamples) * x.float()
+        x = math.sqrt(2 / self.nsamples) * widened(x)
         self.value += x.matmul(x.t())
 
 
@@ -229,7 +232,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: Union[torch.Tensor, HessianFa
     blocks in one lazy batch update.
     """
     factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, percdamp)
-    W = weight.detach().clone().float()
+    W = widened(weight.detach().clone())
     columns = W.shape[1]
     W[:, factor.dead] = 0
     Hinv = factor.hinv

@@ -36,6 +36,7 @@ from torch import nn
 from methods import width_stats
 from methods.anatomy import decoder_layers
 from methods.calibration import LayerInputs, gather_inputs, sequential_layers
+from methods.numerics import widened
 from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
 
@@ -54,8 +55,8 @@ class Options:
 def column_scores(weight: torch.Tensor, squared_norm: Optional[torch.Tensor]) -> torch.Tensor:
     """One score per input column: Wanda's row-mean of |W| * sqrt(a), or (no statistic) ||W[:, j]||₂."""
     if squared_norm is None:
-        return torch.norm(weight, dim=0).float()  # in the weights' dtype, as the original
-    return (weight.abs().float() * torch.sqrt(squared_norm.reshape(1, -1))).mean(dim=0)
+        return widened(torch.norm(weight, dim=0))  # in the weights' dtype, as the original
+    return (widened(weight.abs()) * torch.sqrt(squared_norm.reshape(1, -1))).mean(dim=0)
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:

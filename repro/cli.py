@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibration samples fed to each layer per call (wanda, sparsegpt, wanda-sp); "
                             "default 1 reproduces the originals bit for bit; auto: as many as fit a quarter of free memory")
     prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    prune.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16: the model's, and the saved checkpoint's")
+    prune.add_argument("--compute-dtype", help="float64 | ...: compute the pruning in this dtype (scores, statistics, "
+                                               "weight updates), then save in --dtype (default: --dtype)")
     prune.add_argument("--device", help="compute device for layers (default: cuda if available)")
     prune.add_argument("--out", required=True, type=Path)
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -176,7 +178,8 @@ def cmd_prune(args) -> int:
                                   calib=args.calib, nsamples=args.nsamples,
                                   calib_batch=calibration.parse_batch(args.calib_batch),
                                   seqlen=None if training is not None else args.seqlen, seed=args.seed,
-                                  dtype=args.dtype, revision=args.revision, device=args.device, training=training)
+                                  dtype=args.dtype, compute_dtype=args.compute_dtype, revision=args.revision,
+                                  device=args.device, training=training)
     stages.prune(request, overwrite=args.overwrite)
     return 0
 

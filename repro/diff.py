@@ -25,6 +25,8 @@ from repro.tables import Claim, ExpectedFailure, Figure, FigureClaim, MetricRef,
 from repro.tolerance import band
 
 FAILING = ("FAIL", "MISSING")
+# The kit's own stored results; a table whose reference column is `reference` was copied from them.
+KIT_REFERENCES = Path(__file__).resolve().parents[1] / "results" / "reference"
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
@@ -187,7 +189,9 @@ def _diff_series(figure_key: str, figure: Figure, key: str, series: Series, root
             _, diff.worst_x, diff.ours, reading, diff.delta = worst
             diff.reading, diff.band = figures.reading_text(reading), reading.band
         ok = not problems and (worst is None or figures.passes(worst[0]))
-        if ok:
+        if gating and series.expected_failure is not None:
+            diff.status, diff.note = claim_status(ok, series.expected_failure)
+        elif ok:
             diff.status = "PASS"
         else:
             diff.status = "FAIL" if gating else "OFF"
@@ -297,7 +301,8 @@ def render(comparison: Comparison) -> str:
     cells = [[d.row, d.metric, num(d.reference), num(d.collection), num(d.ours),
               "-" if d.delta is None else f"{d.delta:+.4g}", "" if d.tolerance is None else f"±{d.tolerance:.3g}",
               d.status, d.note] for d in c.cells]
-    text = [f"{c.method} [{table.name}] model {table.model}; delta = ours - {ref}",
+    text = [f"{c.method} [{table.name}] model {table.model}; delta = ours - {ref}"
+            + ("".join(f"\n{line}" for line in reference_origin(c.method, table.name)) if ref == "reference" else ""),
             tabulate(cells, headers=["row", "metric", ref, "collection", "ours", "delta", "tolerance", "status",
                                      "note"], tablefmt="github"),
             *render_claims(c.claims, ["lhs", "rhs"]),
@@ -315,6 +320,23 @@ def render(comparison: Comparison) -> str:
              summary("figures summary", [d.status for d in c.series if d.gating] +
                      [d.status for d in c.figure_claims])]
     return "\n\n".join(text)
+
+
+def reference_origin(method: str, profile: str, root: Path = KIT_REFERENCES) -> List[str]:
+    """What the `reference` column is: the kit's own run, at which commit, on which kind of machine
+    (read off the stored results' provenance, one line per commit and machine)."""
+    from repro.provenance import machine_summary
+
+    folder = results_dir(root, profile, method)
+    runs: Dict[Tuple[str, str], List[str]] = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        provenance = read_json(path).get("provenance") or {}
+        commit = (provenance.get("git_sha") or "unknown commit")[:12]
+        runs.setdefault((commit, machine_summary(provenance.get("hardware") or {})), []).append(path.stem)
+    if not runs:
+        return [f"references: none stored under {folder}"]
+    return [f"references: the kit's own run of rows {', '.join(rows)} at commit {commit}, on {machine}"
+            for (commit, machine), rows in runs.items()]
 
 
 def render_claims(claims: List[ClaimDiff], measured: List[str]) -> List[str]:

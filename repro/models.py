@@ -17,6 +17,9 @@ from methods.anatomy import check_llama_like
 from methods.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What the prune stage may compute in (--compute-dtype): float64 makes scores and statistics portable
+# across machines whose float32 rounding differs (README, deviations: "Results across machines").
+COMPUTE_DTYPES = {**DTYPES, "float64": torch.float64}
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -62,8 +65,8 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
     from methods.modeling_lpc_llama import register
 
     register()  # structurally pruned checkpoints of this kit load without trust_remote_code
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     path = checked_path(spec)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
@@ -73,7 +76,7 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
     if getattr(config, "is_encoder_decoder", False) or not any(a.endswith("ForCausalLM") for a in architectures):
         raise UsageError(f"{path} is not a decoder-only causal LM (architectures: {architectures or 'none'})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **dtype_kwarg(DTYPES[dtype]))
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **dtype_kwarg(COMPUTE_DTYPES[dtype]))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load model {path!r}: {_first_line(exc)}") from None
     check_llama_like(model)

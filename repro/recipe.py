@@ -67,6 +67,10 @@ class RecipeProfile(Model):
     model: str
     revision: Optional[str] = None
     dtype: Optional[str] = None
+    # The dtype the prune stage computes in (scores, statistics, weight updates; a pruning run's
+    # training); its checkpoint is saved in `dtype`. The smoke profiles use float64: their results
+    # then do not depend on the machine's float32 rounding (README, "Results across machines").
+    compute_dtype: Optional[Literal["float32", "float64"]] = None
     device: Optional[str] = None
     # Evaluation batch (lm-eval requests and perplexity windows); absent = 1, the papers' setting.
     batch_size: Optional[BatchSize] = None
@@ -184,7 +188,8 @@ class Recipe:
         return PruneRequest(model=self.config["model"], method=self.method, out=Path(out), options=self.options(row),
                             calib=calibration.get("spec"), nsamples=calibration.get("nsamples"),
                             seqlen=calibration.get("seqlen"), calib_batch=calibration.get("batch", 1), seed=self.seed,
-                            dtype=self.config.get("dtype", "float32"), revision=self.config.get("revision"),
+                            dtype=self.config.get("dtype", "float32"), compute_dtype=self.config.get("compute_dtype"),
+                            revision=self.config.get("revision"),
                             device=self.config.get("device"), training=self.pruning_run(row))
 
     @property
@@ -199,7 +204,8 @@ class Recipe:
         and the dense row uses neither), so every method's recipe shares one dense result per profile.
         A row depends on its own train spec only, not on the others of the profile.
         """
-        skip = ("training",) if row != DENSE else ("calibration", "training")
+        # The dense row is neither calibrated, pruned nor trained.
+        skip = ("training",) if row != DENSE else ("calibration", "training", "compute_dtype")
         config = {k: v for k, v in self.config.items() if k not in skip}
         identity = {"config": config, "options": self.rows[row], "metrics": metrics}
         if row != DENSE:

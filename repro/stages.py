@@ -176,7 +176,8 @@ class PruneRequest:
     nsamples: Optional[int] = None           # None: 128, or the rows of a token file
     seqlen: Optional[int] = None             # None: the model's context (max 8192), or a token file's width
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "float32"                   # the dtype the pruned checkpoint is saved in
+    compute_dtype: Optional[str] = None      # the dtype the pruning computes in (None: dtype)
     revision: Optional[str] = None
     device: Optional[str] = None             # where layers are computed; not part of the identity
     calib_batch: Union[int, str] = 1         # samples per layer call in the calibration engine (or "auto")
@@ -205,9 +206,13 @@ class PruneRequest:
             # the identity so that checkpoints pruned before the option existed still match.
             if self.calib_batch != 1:
                 calibration["batch"] = self.calib_batch
-        return {"model": {**checkpoint_identity(self.model, resolve(self.model)), "revision": self.revision},
-                "dtype": self.dtype, "method": self.method, "options": self.options,
-                "calibration": calibration, "seed": self.seed}
+        identity = {"model": {**checkpoint_identity(self.model, resolve(self.model)), "revision": self.revision},
+                    "dtype": self.dtype, "method": self.method, "options": self.options,
+                    "calibration": calibration, "seed": self.seed}
+        # Absent when it is the saved dtype, so that checkpoints pruned before the option existed still match.
+        if self.compute_dtype not in (None, self.dtype):
+            identity["compute_dtype"] = self.compute_dtype
+        return identity
 
 
 def prune_fingerprint(request: PruneRequest) -> str:
@@ -237,6 +242,12 @@ def prune(request: PruneRequest, *, overwrite: bool = False, cache: Optional[dic
         raise UsageError(f"method {request.method!r} does not prune by training; it takes no training settings")
     if method.needs_calibration and not request.calib:
         raise UsageError(f"method {request.method!r} needs --calib")
+    from repro.models import COMPUTE_DTYPES, DTYPES
+
+    if request.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {request.dtype!r}; use one of {', '.join(DTYPES)}")
+    if request.compute_dtype not in (None, *COMPUTE_DTYPES):
+        raise UsageError(f"unknown --compute-dtype {request.compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     out = Path(request.out)
     stamp = prune_fingerprint(request)
     done = read_manifest(out, PRUNE_MANIFEST)
@@ -257,14 +268,15 @@ def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) 
     import methods
     from repro import data
     from repro.evaluate import model_seqlen
-    from repro.models import load_model
+    from repro.models import DTYPES, load_model
     from repro.provenance import provenance
     from repro.results import write_json_atomic
 
     seed_everything(request.seed)
     timings = {}
     start = time.perf_counter()
-    model, tokenizer = load_model(request.model, dtype=request.dtype, revision=request.revision)
+    compute_dtype = request.compute_dtype or request.dtype
+    model, tokenizer = load_model(request.model, dtype=compute_dtype, revision=request.revision)
     timings["load"] = time.perf_counter() - start
     calib = calibration = None
     if method.needs_calibration:
@@ -288,10 +300,11 @@ def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) 
         "inputs": request.identity(method.needs_calibration),
         "model": request.model, "revision": request.revision,
         "resolved_commit": resolved or (smoke_source() if request.model == "smoke" else None),
-        "dtype": request.dtype, "calibration": calibration, "timings_seconds": timings, **provenance(),
+        "dtype": request.dtype, "compute_dtype": compute_dtype, "calibration": calibration,
+        "timings_seconds": timings, **provenance(),
     }
     start = time.perf_counter()
-    model.cpu()
+    model.to(device="cpu", dtype=DTYPES[request.dtype])
     _save_with_manifest(model, tokenizer, Path(request.out), PRUNE_MANIFEST, manifest)
     timings["save"] = time.perf_counter() - start
     manifest["peak_rss_mib"] = _peak_rss_mib()
@@ -464,6 +477,9 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
             raise UsageError(f"{options.model} has {zeros:.2%} zeros in its decoder weights: kind sparse retrains a "
                              "pruned model keeping its zeros; prune it first (e.g. lpc prune --method wanda)")
     if options.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from training.engine import check_cpu_processes
+
+        check_cpu_processes(options)
         return _relaunch(options)
 
     from training import checkpoint, engine

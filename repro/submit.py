@@ -166,6 +166,7 @@ def _prune_command(request: stages.PruneRequest) -> List[str]:
     args = ["prune", "--model", request.model, "--method", request.method, "--out", str(request.out),
             "--seed", str(request.seed), "--dtype", request.dtype, "--overwrite"]
     for key, value in (("--revision", request.revision), ("--device", request.device), ("--calib", request.calib),
+                       ("--compute-dtype", request.compute_dtype),
                        ("--nsamples", request.nsamples), ("--seqlen", request.seqlen),
                        ("--calib-batch", None if request.calib_batch == 1 else request.calib_batch)):
         if value is not None:

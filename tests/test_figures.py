@@ -300,3 +300,17 @@ def test_a_moved_committed_score_fails_the_diff(tmp_path, capsys):
     path.write_text(json.dumps(moved))
     assert main(["diff", "shortgpt", "--results-dir", str(root), "--no-plots"]) == 1
     assert re.search(r"\|\s*FAIL\s*\|", capsys.readouterr().out)
+
+
+def test_a_series_whose_reading_is_a_contradicted_claim_reports_xfail_then_xpass(tmp_path):
+    """A range reading that an honest measurement contradicts (Sheared's expected size at the end of
+    a chaotic smoke run) carries `expected_failure`: XFAIL while it fails, XPASS once it holds."""
+    figure = {"series": {"size": {"ours": {"row": "bi", "field": "prune.gates.expected"}, "reference": [{"y": [0.98, 1.02]}],
+                                  "expected_failure": {"reason": "0.84 on 3 of 4 settings", "measured": [0.84]}}}}
+    table = parse_profile({"model": "m", "reference": "reference", "sources": {"reference": "r"},
+                           "rows": {"bi": {}}, "figures": {"fig": figure}}, "t.yaml:smoke", "smoke")
+    for value, status, note in ((0.84, "XFAIL", "0.84 on 3 of 4 settings"), (0.99, "XPASS", "update the table")):
+        write_result(tmp_path, "smoke", "m", "bi", gates={"expected": value})
+        report = diff.diff_profile("m", table, tmp_path)
+        assert [(d.status, d.gating) for d in report.series] == [(status, True)]
+        assert note in report.series[0].note and not report.failed

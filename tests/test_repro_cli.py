@@ -296,3 +296,35 @@ def test_a_schema_error_stops_repro_with_one_line(tmp_path, capsys, file, edit, 
     err = capsys.readouterr().err
     assert err.startswith("lpc: error: " + message) and err.count("\n") == 1, err
     assert not (tmp_path / "results").exists()  # refused before any model is loaded
+
+
+def test_compute_dtype_float64_is_its_own_prune_and_saves_in_the_dtype(tmp_path):
+    """`--compute-dtype float64` (the smoke profiles' portable arithmetic): the scores and statistics
+    are float64, the checkpoint is saved in --dtype, and the prune is not confused with a float32 one."""
+    from safetensors.torch import load_file
+
+    model, calib = str(golden_path("tiny-llama-mha")), str(golden_path("calib.npy"))
+    common = ["prune", "--model", model, "--method", "wanda", "--sparsity-type", "2:4", "--calib", calib,
+              "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*common, "--compute-dtype", "float64", "--out", str(tmp_path / "fp64")]) == 0
+    fp32, fp64 = (json.loads((tmp_path / name / "prune.json").read_text()) for name in ("fp32", "fp64"))
+    assert fp64["compute_dtype"] == "float64" and fp64["dtype"] == "float32"
+    assert fp64["inputs"]["compute_dtype"] == "float64" and "compute_dtype" not in fp32["inputs"]
+    assert fp64["fingerprint"] != fp32["fingerprint"]
+    weights = load_file(str(tmp_path / "fp64" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    dense = load_file(str(golden_path("tiny-llama-mha", "model.safetensors")))
+    # Wanda only zeroes weights: every kept weight is the dense one, bit for bit, after the float64 round trip.
+    kept = [(weights[k] != 0) for k in weights]
+    assert all(torch.equal(weights[k][m], dense[k][m]) for k, m in zip(weights, kept))
+    ours = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    agree = sum(int(((weights[k] == 0) == (ours[k] == 0)).sum()) for k in weights) / sum(t.numel() for t in weights.values())
+    assert agree > 0.99, agree
+
+
+def test_an_unknown_compute_dtype_is_one_line(tmp_path, capsys):
+    assert main(["prune", "--model", str(golden_path("tiny-llama-mha")), "--method", "magnitude", "--sparsity-ratio",
+                 "0.5", "--compute-dtype", "float128", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == ("lpc: error: unknown --compute-dtype 'float128'; use one of float32, "
+                                               "float16, bfloat16, float64")

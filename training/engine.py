@@ -93,6 +93,12 @@ class Run:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 wraps the model, except for one process on the CPU: there is nothing to shard, and
+        the FSDP2 of torch < 2.6 (the method images' torch 2.5) needs CUDA streams even then."""
+        return self.world > 1 or self.device.type == "cuda"
+
 
 def start_process_group(device: str) -> Run:
     """torchrun's group when launched by torchrun, else a group of one in this process."""
@@ -144,11 +150,23 @@ def zero_fraction(model: nn.Module) -> float:
     return sum(int((p == 0).sum()) for p in params) / total if total else 0.0
 
 
+def check_cpu_processes(options: TrainOptions) -> None:
+    """Several processes on the CPU shard with FSDP2, whose CPU support came with torch 2.6."""
+    cuda = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if not cuda and version < (2, 6):
+        raise UsageError(f"--nproc {options.nproc} on the CPU needs torch >= 2.6 (the FSDP2 of torch "
+                         f"{torch.__version__} needs CUDA streams); train with one process here")
+
+
 def shard(model: nn.Module, run: Run, *, activation_checkpointing: bool = False) -> nn.Module:
-    """FSDP2 over the model: every decoder layer its own unit, the rest (embeddings, norm, head) the root's."""
-    fully_shard, MixedPrecisionPolicy = _fsdp2()
+    """FSDP2 over the model (where `run.sharded`): every decoder layer its own unit, the rest
+    (embeddings, norm, head) the root's."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not run.sharded:
+        return model
+    fully_shard, MixedPrecisionPolicy = _fsdp2()
     kwargs = {}
     if run.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -379,7 +397,8 @@ def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[st
             for index, ids in enumerate(batches):
                 ids = ids.to(run.device)
                 # Reduce-scatter only after the last micro-batch: the others accumulate locally.
-                model.set_requires_gradient_sync(index == len(batches) - 1)
+                if run.sharded:
+                    model.set_requires_gradient_sync(index == len(batches) - 1)
                 if shearing:
                     shearing.sample(step, run.rank * len(batches) + index)
                 objective = loss = _loss(model, teacher, ids, options)
