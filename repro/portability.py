@@ -123,16 +123,17 @@ def prune_matrix(method: str, rows: List[str], out: Path, emulations: List[str],
 
 def row_matrix(method: str, rows: Optional[List[str]], out: Path, emulations: List[str],
                machines: Dict[str, Path], log=print) -> dict:
-    """`lpc repro` of the rows under every emulation, then the spread of every table cell."""
+    """`lpc repro` of the rows under every emulation, then the spread of every table cell over every
+    emulation whose results are under `out` (earlier runs' included: the matrix can be filled in parts)."""
     from repro.diff import load_results
     from repro.tables import load_profile
 
-    values: Dict[str, Dict[str, dict]] = {}
     seconds = {}
     for emulation in emulations:
         args = ["-m", "repro.cli", "repro", method, "--profile", "smoke", "--results-dir", str(out / emulation)]
         seconds[emulation] = _run(args + (["--rows", ",".join(rows)] if rows else []), emulation_env(emulation), log)
-        values[emulation] = load_results(out / emulation, "smoke", method)
+    values: Dict[str, Dict[str, dict]] = {name: load_results(out / name, "smoke", method) for name in EMULATIONS
+                                          if (out / name / "smoke" / method).is_dir()}
     for name, folder in machines.items():
         values[name] = {p.stem: json.loads(p.read_text()) for p in Path(folder).glob("*.json")}
     table = load_profile(method, "smoke")
@@ -150,7 +151,7 @@ def row_matrix(method: str, rows: Optional[List[str]], out: Path, emulations: Li
                 entry.update(rel_min=min(deviations), rel_max=max(deviations),
                              abs_max=max(abs(v - reference) for v in measured.values()))
             cells[f"{row}/{metric}"] = entry
-    return {"method": method, "emulations": {e: EMULATIONS[e] for e in emulations},
+    return {"method": method, "emulations": {e: EMULATIONS[e] for e in values if e in EMULATIONS},
             "machines": {name: str(folder) for name, folder in machines.items()},
             "seconds": seconds, "cells": cells}
 

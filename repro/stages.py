@@ -238,6 +238,9 @@ def prune(request: PruneRequest, *, overwrite: bool = False, cache: Optional[dic
         raise UsageError(f"method {request.method!r} prunes by a training run: give its settings (lpc prune "
                          "--data ... --steps ... --global-batch ... --micro-batch ... --seqlen ... --lr ...; "
                          "a recipe row's pruning_run)")
+    if by_training and request.compute_dtype not in (None, request.dtype):
+        raise UsageError(f"method {request.method!r} prunes by a training run, which computes in --dtype; "
+                         "--compute-dtype does not apply")
     if not by_training and request.training is not None:
         raise UsageError(f"method {request.method!r} does not prune by training; it takes no training settings")
     if method.needs_calibration and not request.calib:
