@@ -63,7 +63,7 @@ $(VENVMT)/.stamp: requirements/maxtext.txt pyproject.toml
 
 SMOKE_MODEL := $(LPC_CACHE)/smollm2-135m-instruct/lpc_smoke.json
 $(SMOKE_MODEL): $(VENV)/.stamp
-	$(VENV)/bin/python -m repro.smoke_model
+	$(VENV)/bin/python -m methods.core.smoke_model
 
 # The main venv and the smoke model only: what `make repro-<m>` and the images' smoke runs need.
 smoke-model: $(SMOKE_MODEL)

@@ -18,16 +18,16 @@ from pydantic import ValidationError
 from torch import nn
 
 from methods import calibration
-from methods.anatomy import check_llama_like, compute_device, overall_sparsity, sparsity_by_module
-from methods.errors import UsageError
+from methods.anatomy import check_llama_like, overall_sparsity, sparsity_by_module
+from methods.core.batching import compute_device
+from methods.core.errors import UsageError
 from methods.options import declared, one_line
-from methods.registry import PLANNED, REGISTRY, Method
+from methods.registry import REGISTRY, Method
+
 
 def get(name: str) -> Method:
     if name in REGISTRY:
         return REGISTRY[name]
-    if name in PLANNED:
-        raise UsageError(f"method {name!r} is not implemented in this version of the kit")
     raise UsageError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}")
 
 

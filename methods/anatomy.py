@@ -5,13 +5,11 @@ architecture with the same parts (Mistral, Qwen2, ...) is a change here, not in 
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, Union
+from typing import Dict
 
-import torch
 from torch import nn
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -66,45 +64,6 @@ def _layers_prefix(model: nn.Module) -> str:
         if module is layers:
             return name
     raise AssertionError("decoder layers not found among the model's modules")
-
-
-def parse_batch_size(what: str, value: Union[int, str]) -> Union[int, str]:
-    """A batch size as a user gives it (an int, its text, or "auto"); anything else is one UsageError line."""
-    if value == "auto":
-        return value
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
-        raise UsageError(f"{what} must be a positive integer or 'auto', got {value!r}")
-    return number
-
-
-def batch_that_fits(per_item_bytes: int, count: int, device: torch.device, fraction: float = 0.25) -> int:
-    """How many items of `per_item_bytes` working memory fit in `fraction` of what `device` has free
-    (at least 1, at most `count`): the rule behind every "auto" batch size of the kit."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):  # no sysconf: assume a modest machine
-            free = 2**30
-    return max(1, min(count, int(fraction * free) // max(1, per_item_bytes)))
-
-
-def compute_device(preferred: str | None = None) -> torch.device:
-    """The device layers are moved to while they are processed: the one asked for, else CUDA if present."""
-    if preferred:
-        try:
-            device = torch.device(preferred)
-        except RuntimeError as exc:
-            raise UsageError(f"unknown device {preferred!r}") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"device {preferred!r} requested but CUDA is not available")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sparsity_by_module(model: nn.Module) -> Dict[str, float]:

@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from methods.anatomy import batch_that_fits, decoder_layers, linear_layers, parse_batch_size
+from methods.anatomy import decoder_layers, linear_layers
+from methods.core.batching import batch_that_fits, parse_batch_size
 
 
 class _Captured(Exception):

@@ -57,8 +57,8 @@ from torch import nn
 from methods import surgery, width_stats
 from methods.anatomy import decoder_layers
 from methods.calibration import LayerInputs, gather_inputs, sequential_layers
-from methods.errors import UsageError
-from methods.numerics import running_zeros, widened
+from methods.core.errors import UsageError
+from methods.core.numerics import running_zeros, widened
 from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
 

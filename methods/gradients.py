@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Literal, Optional, get_args
 import torch
 from torch import nn
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 
 # The one declaration of the option's values; both methods' Options use this type.
 GradDtype = Literal["model", "float32", "float16", "bfloat16"]

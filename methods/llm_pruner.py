@@ -63,7 +63,7 @@ from torch import nn
 
 from methods import gradients, surgery
 from methods.anatomy import decoder_layers
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from methods.options import method_options
 
 # importance name -> (criterion, variant): the original's --pruner_type / --taylor.

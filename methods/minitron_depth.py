@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from methods import depth, surgery
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from methods.options import method_options
 from methods.scoring import TaskSpec, cell_value, known_tasks, perplexity, run_tasks
 
@@ -53,7 +53,7 @@ class Options:
     def _check_scorer(self) -> "Options":
         if self.score != PPL and self.score not in known_tasks():
             raise ValueError(f"unknown scoring task {self.score!r}: not 'ppl' and not an lm-eval task "
-                             "(nor one of the kit's repro/assets/tasks)")
+                             "(nor one of the kit's methods/core/assets/tasks)")
         if self.score == PPL and (self.num_fewshot or self.limit is not None):
             raise ValueError("num_fewshot and limit apply to a task scorer, not to score=ppl")
         return self

@@ -41,8 +41,8 @@ from torch import nn
 
 from methods import depth, surgery
 from methods.anatomy import decoder_layers
-from methods.errors import UsageError
-from methods.numerics import running_zeros, widened
+from methods.core.errors import UsageError
+from methods.core.numerics import running_zeros, widened
 from methods.options import method_options
 
 

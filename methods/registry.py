@@ -10,10 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict
-
-# Names the architecture reserves for methods that later work adds.
-PLANNED: tuple = ()
+from typing import Any, Callable, Dict, Optional
 
 
 @dataclass(frozen=True)
@@ -24,12 +21,22 @@ class Method:
     family: str                  # which pinned image reproduces it (docker/<family>/)
     structured: bool = True      # removes units (then the config is re-synced) rather than zeroing weights
     needs_tokenizer: bool = False  # scores with lm-eval tasks, so prune() gets the tokenizer too
-    # Its pruning is a training run (the engine's train kind of the same name): prune() gets what the
-    # run learned as `state` and folds it; `lpc prune` runs the training first.
-    trains: bool = False
+    # The training kind (training/kinds/) whose run is its pruning: prune() gets what the run learned
+    # as `state` and folds it; `lpc prune` runs the training first.
+    training_kind: Optional[str] = None
     # Its calibration statistics are sums over samples, so the engine may feed samples in chunks
     # (`--calib-batch`); the default batch 1 is what reproduces the original bit for bit.
     batched_calibration: bool = False
+
+    @property
+    def trains(self) -> bool:
+        """Some of its options prune by a training run (`prunes_by_training` says which)."""
+        return self.training_kind is not None
+
+    def prunes_by_training(self, options: Any) -> bool:
+        """Whether pruning with these (validated) options is a training run: Sheared LLaMA's is, except
+        its random-units control, whose options say `trains = False`."""
+        return self.trains and getattr(options, "trains", True)
 
     @property
     def options_type(self) -> type:
@@ -53,7 +60,7 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
     Method("minitron-depth", "minitron_depth", needs_calibration=True, family="minitron", needs_tokenizer=True),
     Method("shortgpt", "shortgpt", needs_calibration=True, family="minitron"),
     Method("shortened", "shortened", needs_calibration=True, family="shortened"),
-    Method("sheared", "sheared", needs_calibration=False, family="train", trains=True),
+    Method("sheared", "sheared", needs_calibration=False, family="train", training_kind="sheared"),
 )}
 
 

@@ -54,7 +54,7 @@ a pruned model is evaluated without saving it. Conventions, chosen to match the 
   task); every run gets a deep copy, because lm-eval 0.4.8/0.4.9 managers remember group members
   across loads and would rename a group's subtasks the second time.
 
-The kit's own tasks (``lpc_smoke_mc``) ship in repro/assets/tasks and are always findable. Note that
+The kit's own tasks (``lpc_smoke_mc``) ship in methods/core/assets/tasks and are always findable. Note that
 0.4.x task configs differ from the 0.3-era ones in prompts and splits for some tasks; paper tables
 carry that caveat, this module does not hide it.
 """
@@ -74,12 +74,12 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 
-from methods.anatomy import batch_that_fits, parse_batch_size
-from methods.errors import UsageError
-from methods.numerics import widened
+from methods.core.batching import batch_that_fits, parse_batch_size
+from methods.core.errors import UsageError
+from methods.core.text import SMOKE_TASKS
+from methods.core.numerics import widened
 
-# The shipped task folder stays with the kit's other assets; only its path is needed here.
-SMOKE_TASK_DIR = Path(__file__).resolve().parents[1] / "repro" / "assets" / "tasks"
+SMOKE_TASK_DIR = SMOKE_TASKS
 SMOKE_TASK = "lpc_smoke_mc"
 DEFAULT_SEED = 1234
 PROTOCOLS = ("windows", "rows", "minitron")

@@ -67,8 +67,8 @@ from torch import nn
 
 from methods import surgery
 from methods.anatomy import decoder_layers
-from methods.errors import UsageError
-from methods.numerics import widened
+from methods.core.errors import UsageError
+from methods.core.numerics import widened
 from methods.options import method_options
 
 LIMIT_LOW, LIMIT_HIGH = -0.1, 1.1          # the stretch interval of the hard-concrete distribution

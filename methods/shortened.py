@@ -29,8 +29,8 @@ from torch import nn
 from methods import gradients, surgery
 from methods.anatomy import decoder_layers
 from methods.depth import input_device, layers_skipped, on_device
-from methods.errors import UsageError
-from methods.numerics import widened
+from methods.core.errors import UsageError
+from methods.core.numerics import widened
 from methods.options import method_options
 from methods.scoring import perplexity
 

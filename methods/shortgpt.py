@@ -42,7 +42,7 @@ from torch import nn
 
 from methods import depth, surgery
 from methods.anatomy import decoder_layers
-from methods.numerics import widened
+from methods.core.numerics import widened
 from methods.options import method_options
 
 

@@ -17,8 +17,8 @@ from typing import Annotated, Optional, Tuple, Union
 import torch
 from pydantic import Field, model_validator
 
-from methods.errors import UsageError
-from methods.numerics import running_zeros, widened
+from methods.core.errors import UsageError
+from methods.core.numerics import running_zeros, widened
 from methods.options import method_options
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from methods.anatomy import decoder_layers
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from methods.modeling_lpc_llama import (LpcLlamaConfig, LpcLlamaForCausalLM, LpcLlamaModel, register,
                                         set_attention_width)
 

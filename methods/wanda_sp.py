@@ -36,7 +36,7 @@ from torch import nn
 from methods import width_stats
 from methods.anatomy import decoder_layers
 from methods.calibration import LayerInputs, gather_inputs, sequential_layers
-from methods.numerics import widened
+from methods.core.numerics import widened
 from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
 

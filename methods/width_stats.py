@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from methods import surgery
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 
 
 def group_layout(layer: nn.Module) -> Tuple[int, int, int]:

@@ -60,7 +60,7 @@ def bench_one(method: str, args) -> dict:
 
     import methods
     from repro import data
-    from repro.models import load_model, quiet_transformers
+    from methods.core.models import load_model, quiet_transformers
 
     quiet_transformers()
     if args.random_llama2_7b:
@@ -151,7 +151,7 @@ def prune_process_seconds(method: str, args, batched_forward: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         # The fastest of two: the first process of a bench may pay for cold file caches.
         bare = min(_timed([sys.executable, "-c",
-                           "import sys; from repro.models import load_model, save_checkpoint; "
+                           "import sys; from methods.core.models import load_model, save_checkpoint; "
                            "m, t = load_model(sys.argv[1], dtype=sys.argv[2]); save_checkpoint(m, t, sys.argv[3])",
                            args.model, args.dtype, f"{tmp}/bare{attempt}"]) for attempt in range(2))
         walls = {}
@@ -197,7 +197,7 @@ def eval_parity(model_spec: str = "smoke", *, batch_size: int = 8, device: str =
     and the windowed perplexity of the smoke evaluation text at both batch sizes."""
     from methods import scoring
     from repro import data
-    from repro.models import load_model, quiet_transformers
+    from methods.core.models import load_model, quiet_transformers
 
     quiet_transformers()
     model, tokenizer = load_model(model_spec, dtype=dtype)
@@ -226,7 +226,7 @@ def random_llama2_7b(dtype: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from repro.models import DTYPES
+    from methods.core.models import DTYPES
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
@@ -268,10 +268,10 @@ def main(argv=None) -> int:
                         help="only the MaxText lm-eval bench on this converted checkpoint, or on the smoke model "
                              "converted once next to --out (MaxText venv)")
     args = parser.parse_args(argv)
-    from repro.results import write_json_atomic
+    from methods.core.results import write_json_atomic
 
     if args.maxtext_eval:
-        from repro.provenance import provenance
+        from methods.core.provenance import provenance
 
         result = maxtext_eval(maxtext_checkpoint(args.maxtext_eval, args.out.parent))
         print_maxtext_eval(result)
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
             return 1
         results.append(result)
         PRINTERS[result["bench"]](result)
-    from repro.provenance import provenance
+    from methods.core.provenance import provenance
 
     write_json_atomic(args.out, {"results": results, "provenance": provenance()})
     print(f"wrote {args.out}")
@@ -355,7 +355,7 @@ def print_eval_parity(result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- training throughput
-# The engine (`lpc train` through repro/stages.py) and a bare loop train the same model on the same
+# The engine (`lpc train`, training/stage.py) and a bare loop train the same model on the same
 # windows in one process. The engine's train.json times its whole step loop, which includes the final
 # checkpoint write (model + AdamW state through torch.distributed.checkpoint); that write is timed
 # separately here so that the step loop alone is compared with the bare loop, and both figures are kept.
@@ -371,8 +371,9 @@ def training_throughput(model: str = "smoke", *, steps: int = 6, global_batch: i
     import torch
     from transformers import AutoConfig
 
-    from repro import stages
-    from repro.models import checked_path, quiet_transformers
+    from methods.core.identity import TRAIN_MANIFEST
+    from training import stage
+    from methods.core.models import checked_path, quiet_transformers
     from training import checkpoint
     from training.options import TrainOptions
 
@@ -397,8 +398,8 @@ def training_throughput(model: str = "smoke", *, steps: int = 6, global_batch: i
                                shuffle=False, device=device, out=str(Path(tmp) / "out"))
         bare = [bare_training_seconds(path, windows, options)]
         with mock.patch.object(checkpoint, "save", timed_save), contextlib.redirect_stdout(sys.stderr):
-            stages.train(options, log=lambda line: None)
-        report = json.loads((Path(tmp) / "out" / stages.TRAIN_MANIFEST).read_text())
+            stage.train(options, log=lambda line: None)
+        report = json.loads((Path(tmp) / "out" / TRAIN_MANIFEST).read_text())
         bare.append(bare_training_seconds(path, windows, options))
     tokens = steps * global_batch * seqlen
     loop = report["seconds"]["train"]
@@ -523,7 +524,7 @@ def maxtext_checkpoint(spec: str, folder: Path) -> str:
     """`smoke`: the smoke model converted to MaxText once, in `folder`; anything else: a MaxText directory."""
     if spec != "smoke":
         return spec
-    from repro.models import resolve
+    from methods.core.models import resolve
     from training.maxtext import convert
 
     target = folder / "maxtext-smoke"

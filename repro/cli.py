@@ -5,12 +5,11 @@ Bad input prints one line (`lpc: error: ...`) and exits 2; a failed diff exits 1
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 
 EXIT_USAGE = 2
 
@@ -53,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     prune = sub.add_parser("prune", help="prune one model and save it as a Hugging Face checkpoint",
-                           deferred=_add_method_flags)
-    prune.add_argument("--model", required=True, help="local directory, hub id, or 'smoke'")
+                           deferred=_method_flags)
+    prune.add_argument("--request", type=Path, help="a prune request file (the plan's); then no other flag")
+    prune.add_argument("--model", help="local directory, hub id, or 'smoke' (required)")
     prune.add_argument("--revision", help="hub revision (commit sha) of --model")
-    prune.add_argument("--method", required=True)
+    prune.add_argument("--method", help="(required)")
     prune.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="any option of the method, the value read as YAML (e.g. --option head_weight=literal); "
                             "also those without a flag of their own (shortgpt's seed)")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--compute-dtype", help="float64 | ...: compute the pruning in this dtype (scores, statistics, "
                                                "weight updates), then save in --dtype (default: --dtype)")
     prune.add_argument("--device", help="compute device for layers (default: cuda if available)")
-    prune.add_argument("--out", required=True, type=Path)
+    prune.add_argument("--out", type=Path, help="(required)")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     repro = sub.add_parser("repro", help="run a method's recipe and diff it against its table")
@@ -100,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a recipe row's table metrics and write its result",
                               description="Writes <results-dir>/<profile>/<method>/<row>.json, as lpc repro does.")
-    evaluate.add_argument("--model", required=True,
-                          help="the row's last stage output (a pruned or trained checkpoint); the profile's model "
-                               "for the dense row")
-    evaluate.add_argument("--method", required=True)
+    evaluate.add_argument("--request", type=Path, help="an eval request file (the plan's); then no other flag")
+    evaluate.add_argument("--model", help="the row's last stage output (a pruned or trained checkpoint); the profile's "
+                                          "model for the dense row (required)")
+    evaluate.add_argument("--method", help="(required)")
     evaluate.add_argument("--profile", default="smoke", help="paper | smoke")
-    evaluate.add_argument("--row", required=True)
+    evaluate.add_argument("--row", help="(required)")
     evaluate.add_argument("--results-dir", type=Path, default=Path("results/local"))
     evaluate.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
     evaluate.add_argument("--eval-batch-size", metavar="N|auto", help=EVAL_BATCH_HELP)
@@ -113,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gate", action="store_true",
                           help="dense row: exit 1 when it is off its reference (what gates the other rows' jobs)")
 
-    train = sub.add_parser("train", help="train a checkpoint: continued pre-training, distillation, sparse or LoRA",
+    train = sub.add_parser("train", help="train a checkpoint: continued pre-training, distillation, sparse, LoRA, "
+                                         "Sheared LLaMA's pruning run",
                            description="Options not given keep their defaults (the collection's settings). "
-                                       "Rerunning the same command resumes an interrupted run.")
-    add_fields(train, _train_fields())
+                                       "Rerunning the same command resumes an interrupted run.",
+                           deferred=_train_flags)
+    train.add_argument("--request", type=Path, help="a train request file (the plan's); then no other flag")
     train.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="lora: a field of the LoRA recipe (YAML value), e.g. --option r=8")
     train.add_argument("--overwrite", action="store_true", help="discard whatever --out holds and start afresh")
@@ -149,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command in ("prune", "repro", "train", "eval"):
-            from repro.models import quiet_transformers
+            from methods.core.models import quiet_transformers
 
             quiet_transformers()
         return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff, "train": cmd_train,
@@ -162,218 +164,108 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
 
 
-def cmd_prune(args) -> int:
-    import methods
-    from methods import calibration
-    from repro import stages
+def _method_flags(parser: argparse.ArgumentParser) -> None:
+    from repro.flags import add_method_flags
 
-    method = methods.get(args.method)
-    options = _method_options(args, method)
-    parsed = methods.make_options(method, options)  # validate before any slow loading
-    training = _training_settings(args) if method.trains and getattr(parsed, "trains", True) else None
-    given = [name for name in args.train_flags if getattr(args, name) is not None]
-    if training is None and given:
-        raise UsageError(f"--{given[0].replace('_', '-')} is a training setting; method {args.method!r} does not train")
-    request = stages.PruneRequest(model=args.model, method=args.method, out=args.out, options=options,
-                                  calib=args.calib, nsamples=args.nsamples,
-                                  calib_batch=calibration.parse_batch(args.calib_batch),
-                                  seqlen=None if training is not None else args.seqlen, seed=args.seed,
-                                  dtype=args.dtype, compute_dtype=args.compute_dtype, revision=args.revision,
-                                  device=args.device, training=training)
-    stages.prune(request, overwrite=args.overwrite)
+    add_method_flags(parser)
+
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    from repro.flags import add_fields, train_fields
+
+    add_fields(parser, train_fields(), required=False)
+
+
+def _request_or_flags(args, command: str, required):
+    """`--request FILE` alone, or the command's own flags with every required one given: the request
+    read from the file, or None."""
+    if args.request is None:
+        missing = [name for name in required if getattr(args, name) is None]
+        if missing:
+            raise UsageError("the following arguments are required: " + ", ".join(
+                "--" + name.replace("_", "-") for name in missing))
+        return None
+    defaults = vars(build_parser().parse_args([command]))
+    given = [name for name, value in vars(args).items()
+             if name in defaults and name != "request" and value != defaults[name]]
+    if given:
+        raise UsageError(f"lpc {command} --request takes no other flag, got --{given[0].replace('_', '-')}")
+    from repro.requests import read_request
+
+    return read_request(args.request, command)
+
+
+def cmd_prune(args) -> int:
+    from repro import prune_stage
+
+    request = _request_or_flags(args, "prune", ("model", "method", "out"))
+    if request is None:
+        request = _prune_request(args)
+    prune_stage.prune(request, overwrite=args.overwrite or args.request is not None)
     return 0
 
 
+def _prune_request(args):
+    import methods
+    from methods import calibration
+    from repro.flags import method_options, training_settings
+    from repro.requests import PruneRequest
+
+    method = methods.get(args.method)
+    options = method_options(args, method)
+    parsed = methods.make_options(method, options)  # validate before any slow loading
+    training = training_settings(args) if method.prunes_by_training(parsed) else None
+    given = [name for name in args.train_flags if getattr(args, name) is not None]
+    if training is None and given:
+        raise UsageError(f"--{given[0].replace('_', '-')} is a training setting; method {args.method!r} does not train")
+    return PruneRequest(model=args.model, method=args.method, out=args.out, options=options, calib=args.calib,
+                        nsamples=args.nsamples, calib_batch=calibration.parse_batch(args.calib_batch),
+                        seqlen=None if training is not None else args.seqlen, seed=args.seed, dtype=args.dtype,
+                        compute_dtype=args.compute_dtype, revision=args.revision, device=args.device,
+                        training=training)
+
+
 def cmd_eval(args) -> int:
-    from repro import runner, stages
+    from repro import eval_stage, plan
     from repro.recipe import load_recipe
+    from repro.requests import EvalRequest
     from repro.tables import load_profile
 
-    recipe = load_recipe(args.method, args.profile, args.recipe, eval_batch_size=args.eval_batch_size)
-    table = load_profile(recipe.method, args.profile, recipe.table)
-    if args.row not in recipe.rows:
-        raise UsageError(f"unknown row {args.row}; recipe rows: {', '.join(recipe.rows)}")
-    runner.check_device(recipe)
-    result = stages.evaluate(recipe, table, args.row, model=args.model, results_root=args.results_dir,
-                             backend=args.backend)
-    if args.gate and args.row == runner.DENSE:
+    request = _request_or_flags(args, "eval", ("model", "method", "row"))
+    if request is None:
+        request = EvalRequest(method=args.method, profile=args.profile, row=args.row, model=args.model,
+                              results_dir=args.results_dir, recipe=args.recipe, eval_batch_size=args.eval_batch_size,
+                              backend=args.backend, gate=args.gate)
+    recipe = load_recipe(request.method, request.profile, request.recipe, eval_batch_size=request.eval_batch_size)
+    table = load_profile(recipe.method, request.profile, recipe.table)
+    if request.row not in recipe.rows:
+        raise UsageError(f"unknown row {request.row}; recipe rows: {', '.join(recipe.rows)}")
+    plan.check_device(recipe)
+    result = eval_stage.evaluate(recipe, table, request.row, model=request.model, results_root=request.results_dir,
+                                 backend=request.backend)
+    if request.gate and request.row == plan.DENSE:
         try:
-            runner.check_dense(table, result)
-        except runner.DenseGateFailed as exc:
+            plan.check_dense(table, result)
+        except plan.DenseGateFailed as exc:
             print(f"lpc: dense gate failed: {exc}", file=sys.stderr)
             return 1
     return 0
 
 
-# `lpc train` settings that `lpc prune` takes for a method whose pruning is a training run; the
-# others are prune's own flags (--model, --out, --seed, --seqlen, --device) or fixed by the method.
-NOT_PRUNE_TRAIN_FLAGS = ("model", "kind", "out", "teacher", "kd_temperature", "kd_alpha", "recipe", "seed", "seqlen",
-                         "device")
-
-
-def _training_settings(args) -> dict:
-    """The training run's settings of `lpc prune` for a method whose pruning is one: the training
-    flags given, and --seqlen as its window length."""
-    fields = _train_fields()
-    settings = {}
-    for name in args.train_flags:
-        value = getattr(args, name)
-        if value is not None:
-            settings[name] = value if isinstance(value, bool) else _read_value(value, fields[name])
-    if args.seqlen is not None:
-        settings["seqlen"] = args.seqlen
-    return settings
-
-
-def _add_method_flags(prune: argparse.ArgumentParser) -> None:
-    """One flag per option that a registered method declares, its help from the declarations; and the
-    training settings of the methods whose pruning is a training run."""
-    import methods
-    from methods.options import declared
-
-    uses: Dict[str, list] = {}
-    for method in methods.REGISTRY.values():
-        for name, field in declared(method.options_type).items():
-            uses.setdefault(name, []).append((method.name, field))
-    group = prune.add_argument_group("method options", "each flag applies to the methods its help names; "
-                                     "values are read as YAML")
-    added = []
-    for name, declarations in uses.items():
-        if all(field.annotation is bool for _, field in declarations):
-            kind: Dict[str, Any] = {"action": argparse.BooleanOptionalAction}
-        else:
-            kind = {"metavar": name.upper()}
-        try:
-            group.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                               help=_flag_help(declarations).replace("%", "%%"), **kind)
-        except argparse.ArgumentError:
-            continue  # a general flag owns the name (--seed); --option still reaches the method's option
-        added.append(name)
-    trained = [m.name for m in methods.REGISTRY.values() if m.trains]
-    fields = {name: f for name, f in _train_fields().items() if name not in NOT_PRUNE_TRAIN_FLAGS}
-    add_fields(prune.add_argument_group(
-        "training", f"for methods whose pruning is a training run ({', '.join(trained)}): the settings of that "
-                    "run, as lpc train takes them; --seqlen is its window length"), fields, required=False)
-    prune.set_defaults(method_flags=tuple(added), train_flags=tuple(fields))
-
-
-def _flag_help(declarations) -> str:
-    """`methods: description; {a,b}; > 0, < 1; default x`, one clause per distinct declaration."""
-    from methods.options import bounds, choices
-
-    texts: Dict[str, List[str]] = {}
-    for method, field in declarations:
-        parts = [field.description or ""]
-        if choices(field):
-            parts.append("{" + ",".join(map(str, choices(field))) + "}")
-        if bounds(field):
-            parts.append(", ".join(bounds(field)))
-        if field.is_required():
-            parts.append("required")
-        elif field.default is not None:
-            parts.append(f"default {field.default}")
-        texts.setdefault("; ".join(p for p in parts if p), []).append(method)
-    return " | ".join(f"{', '.join(names)}: {text}" for text, names in texts.items())
-
-
-def _method_options(args, method) -> dict:
-    from methods.options import declared
-
-    fields = declared(method.options_type)
-    options = {}
-    for name in args.method_flags:
-        value = getattr(args, name)
-        if value is not None:
-            options[name] = value if isinstance(value, bool) else _read_value(value, fields.get(name))
-    for key, text in _key_values(args.option):
-        options[key] = _read_value(text, fields.get(key))
-    return options
-
-
-def _read_value(text: str, field) -> Any:
-    """A method option's value from the command line: YAML, unless the declared type reads the text better.
-
-    YAML 1.1 reads 2:4 and 4:30 as base-60 integers and 1e-3 as a string. Where the YAML value does
-    not fit the option's declared type, a string option takes the text as it is, and text that YAML
-    left a string is converted by pydantic (1e-3 for a float); anything else keeps its YAML value,
-    to be refused with the declaration's message (1 stays an integer for a true/false option).
-    """
-    import yaml
-    from pydantic import TypeAdapter, ValidationError
-
-    from methods.options import STRICT
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    if field is None:  # undeclared: a number if the text is one (YAML 1.1 leaves 1e-3 a string)
-        if isinstance(value, str):
-            try:
-                number = float(text)
-            except ValueError:
-                return value
-            return number if math.isfinite(number) else value
-        return value
-    strict = TypeAdapter(field.annotation, config=STRICT)
-    for candidate in (value, text):
-        try:
-            strict.validate_python(candidate)
-            return candidate
-        except ValidationError:
-            pass
-    if isinstance(value, str):
-        try:
-            return TypeAdapter(field.annotation).validate_python(text)
-        except ValidationError:
-            pass
-    return value
-
-
-def _train_fields():
-    from training.options import TrainOptions
-
-    return {name: f for name, f in TrainOptions.model_fields.items() if name != "recipe"}
-
-
-def add_fields(parser: argparse.ArgumentParser, fields, *, required: bool = True) -> None:
-    """One flag per declared field (pydantic FieldInfo): --name-with-dashes, its description as the help.
-
-    The text is read as a method option's is (`_read_value`); booleans are flags of their own (--x / --no-x).
-    `required=False` leaves even required fields optional for argparse (the model says what is missing)."""
-    for name, info in fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = (info.description or "") + ("" if info.is_required() else f" (default: {info.default})")
-        if info.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, default=None, required=required and info.is_required(),
-                                help=help_text.replace("%", "%%"), metavar=name.upper())
-
-
 def cmd_train(args) -> int:
-    from repro import stages
+    from repro.flags import key_values, read_value, train_fields
+    from training import stage
     from training.options import parse_options
 
-    fields = _train_fields()
-    values = {}
-    for name, field in fields.items():
-        value = getattr(args, name)
-        if value is not None:
-            values[name] = value if isinstance(value, bool) else _read_value(value, field)
-    values["recipe"] = {key: _read_value(text, None) for key, text in _key_values(args.option)}
-    return stages.train(parse_options(values), overwrite=args.overwrite)
-
-
-def _key_values(items: List[str]) -> List[tuple]:
-    """--option KEY=VALUE items as (key, text) pairs, dashes in keys read as underscores."""
-    pairs = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--option expects KEY=VALUE, got {item!r}")
-        pairs.append((key.replace("-", "_"), value))
-    return pairs
+    fields = train_fields()
+    options = _request_or_flags(args, "train", [n for n, f in fields.items() if f.is_required()])
+    if options is None:
+        values = {name: getattr(args, name) if isinstance(getattr(args, name), bool)
+                  else read_value(getattr(args, name), field)
+                  for name, field in fields.items() if getattr(args, name) is not None}
+        values["recipe"] = {key: read_value(text, None) for key, text in key_values(args.option)}
+        options = parse_options(values)
+    return stage.train(options, overwrite=args.overwrite)
 
 
 def cmd_convert(args) -> int:
@@ -384,7 +276,7 @@ def cmd_convert(args) -> int:
     model = Path(args.model)
     if args.to == "maxtext":
         if args.model == "smoke":
-            from repro.models import resolve
+            from methods.core.models import resolve
 
             model = Path(resolve("smoke"))
         if not model.is_dir():

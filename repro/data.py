@@ -69,31 +69,16 @@ Hub data goes through ``datasets.load_dataset``: C4 (whose old ``allenai--c4`` c
 """
 from __future__ import annotations
 
-import os
 import random
-import re
-from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
-import numpy as np
 import torch
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
+from methods.core.text import (SMOKE_CALIB_TEXT, SMOKE_EVAL_TEXT, WIKITEXT_CONFIG, WIKITEXT_DATASET, bookcorpus,
+                               c4_train, check_positive, encoder, existing_path, hub_text, is_token_file,
+                               load_dataset, load_token_file, local_text_path, read_documents)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-SMOKE_CALIB_TEXT = ASSETS / "text" / "calib"
-SMOKE_EVAL_TEXT = ASSETS / "text" / "eval.txt"
-# Debian/Ubuntu ship these licence texts; handy real English when the kit's own text is not wanted.
-OS_LICENSE_TEXTS = Path("/usr/share/common-licenses")
-
-C4_DATASET = "allenai/c4"
-C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
-WIKITEXT_DATASET = "Salesforce/wikitext"  # the hub's current home of the old canonical "wikitext"
-WIKITEXT_CONFIG = "wikitext-2-raw-v1"
-
-HUB_CALIBRATION = ("c4", "wikitext2", "bookcorpus")
-HUB_EVAL = ("wikitext2", "ptb")
-TOKEN_FILE_SUFFIXES = (".pt", ".npy")
 STREAM_PREFIX = "text-stream:"
 
 # C4 sampling redraws until a long enough document turns up. Far more redraws than this in a row means
@@ -109,30 +94,30 @@ _ACCEPTED_EVAL = "wikitext2, ptb, smoke, a text file or directory, or a token fi
 
 def calibration(spec: str, *, tokenizer=None, nsamples: int, seqlen: int, seed: int = 0) -> torch.LongTensor:
     """Calibration token ids [nsamples, seqlen] for `spec` (see the module docstring)."""
-    _check_positive("nsamples", nsamples)
-    _check_positive("seqlen", seqlen)
+    check_positive("nsamples", nsamples)
+    check_positive("seqlen", seqlen)
     spec = str(spec)
     if is_window_spec(spec):
         return window_calibration(spec, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen)
     if _is_token_file(spec):
         return _rows_from_token_file(spec, nsamples, seqlen)
     if spec == "c4":
-        data = _load_c4_train()
-        return sample_documents_wanda(len(data), lambda i: data[i]["text"], _encoder(tokenizer),
+        data = c4_train()
+        return sample_documents_wanda(len(data), lambda i: data[i]["text"], encoder(tokenizer),
                                       nsamples=nsamples, seqlen=seqlen, seed=seed)
     if spec == "wikitext2":
-        text = " ".join(_hub_text(WIKITEXT_DATASET, WIKITEXT_CONFIG, "train", "text"))
-        return sample_stream(_encoder(tokenizer)(text), nsamples=nsamples, seqlen=seqlen, seed=seed)
+        text = " ".join(hub_text(WIKITEXT_DATASET, WIKITEXT_CONFIG, "train", "text"))
+        return sample_stream(encoder(tokenizer)(text), nsamples=nsamples, seqlen=seqlen, seed=seed)
     if spec == "bookcorpus":
-        data = _load_bookcorpus()
-        return sample_documents_llmpruner(len(data), lambda i: data[i]["text"], _encoder(tokenizer),
+        data = bookcorpus()
+        return sample_documents_llmpruner(len(data), lambda i: data[i]["text"], encoder(tokenizer),
                                           nsamples=nsamples, seqlen=seqlen, seed=seed)
     if spec.startswith(STREAM_PREFIX):
-        path = _existing_path(spec[len(STREAM_PREFIX):], _ACCEPTED_CALIB)
-        stream = _encoder(tokenizer)("\n\n".join(read_documents(path, paragraphs=False)))
+        path = existing_path(spec[len(STREAM_PREFIX):], _ACCEPTED_CALIB)
+        stream = encoder(tokenizer)("\n\n".join(read_documents(path, paragraphs=False)))
         return sample_stream(stream, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    path = _local_text_path(spec, _ACCEPTED_CALIB, SMOKE_CALIB_TEXT)
-    encode = _encoder(tokenizer)
+    path = local_text_path(spec, _ACCEPTED_CALIB, SMOKE_CALIB_TEXT)
+    encode = encoder(tokenizer)
     # Local corpora are small: tokenize every document once, which also lets us refuse a corpus with
     # no usable document up front instead of redrawing forever.
     docs = [encode(text) for text in read_documents(path)]
@@ -150,49 +135,15 @@ def eval_tokens(spec: str, *, tokenizer=None, add_special_tokens: bool = True) -
     if _is_token_file(spec):
         return load_token_file(spec).reshape(1, -1)
     if spec == "wikitext2":
-        text = "\n\n".join(_hub_text(WIKITEXT_DATASET, WIKITEXT_CONFIG, "test", "text"))
+        text = "\n\n".join(hub_text(WIKITEXT_DATASET, WIKITEXT_CONFIG, "test", "text"))
     elif spec == "ptb":
-        text = "\n\n".join(_hub_text("ptb_text_only", "penn_treebank", "validation", "sentence",
+        text = "\n\n".join(hub_text("ptb_text_only", "penn_treebank", "validation", "sentence",
                                      script=True))
     else:
-        path = _local_text_path(spec, _ACCEPTED_EVAL, SMOKE_EVAL_TEXT)
+        path = local_text_path(spec, _ACCEPTED_EVAL, SMOKE_EVAL_TEXT)
         text = "\n\n".join(read_documents(path, paragraphs=False))
-    ids = _encoder(tokenizer, add_special_tokens=add_special_tokens)(text)
+    ids = encoder(tokenizer, add_special_tokens=add_special_tokens)(text)
     return torch.tensor(ids, dtype=torch.long).reshape(1, -1)
-
-
-def load_token_file(path) -> torch.LongTensor:
-    """Load and validate a token-id file: 2-D, integer, non-negative. Returned as is (int64)."""
-    path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        raise UsageError(f"token file not found: {path}")
-    if path.suffix not in TOKEN_FILE_SUFFIXES:
-        raise UsageError(f"token file must end in .pt or .npy: {path}")
-    try:
-        if path.suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        else:
-            array = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any failure to parse is the user's file, not our bug
-        raise UsageError(f"cannot load token file {path}: {type(exc).__name__}: {_one_line(exc)}") from None
-    if isinstance(array, np.ndarray):
-        if array.dtype.kind not in "iu":
-            raise UsageError(f"token file {path} must hold integer ids, not dtype {array.dtype}")
-        if array.ndim == 2 and array.size and array.min() < 0:
-            raise UsageError(f"token file {path} holds negative token ids (min {int(array.min())})")
-        array = torch.from_numpy(array.astype(np.int64))
-    elif not isinstance(array, torch.Tensor):
-        raise UsageError(f"token file {path} must hold one tensor, not a {type(array).__name__}")
-    tokens = array
-    if tokens.dim() != 2:
-        raise UsageError(f"token file {path} must be 2-D [nsamples, seqlen], got shape {list(tokens.shape)}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise UsageError(f"token file {path} must hold integer ids, not {tokens.dtype}")
-    if tokens.numel() == 0:
-        raise UsageError(f"token file {path} is empty (shape {list(tokens.shape)})")
-    if int(tokens.min()) < 0:
-        raise UsageError(f"token file {path} holds negative token ids (min {int(tokens.min())})")
-    return tokens.to(torch.long).contiguous()
 
 
 # ----------------------------------------------------------------------------- the samplers
@@ -246,47 +197,8 @@ def sample_stream(ids: Sequence[int], *, nsamples: int, seqlen: int, seed: int) 
     return torch.stack([stream[s:s + seqlen] for s in starts])
 
 
-# ----------------------------------------------------------------------------- local text
-
-def read_documents(path: Path, *, paragraphs: bool = True) -> List[str]:
-    """The documents of a local text path (rule in the module docstring).
-
-    With paragraphs=False a single file is one document (for streams, where the split does not matter).
-    """
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.name != "README")
-        if not files:
-            raise UsageError(f"no text files in directory {path}")
-        return [_read_text(p) for p in files]
-    text = _read_text(path)
-    if not paragraphs:
-        return [text]
-    return [piece.strip() for piece in re.split(r"\n[ \t\r\f\v]*\n", text) if piece.strip()]
-
-
-def _read_text(path: Path) -> str:
-    with open(path, "r", encoding="utf-8", errors="replace") as handle:
-        return handle.read()
-
-
-def _local_text_path(spec: str, accepted: str, smoke: Path) -> Path:
-    if spec == "smoke":
-        return smoke
-    return _existing_path(spec, accepted)
-
-
-def _existing_path(raw: str, accepted: str) -> Path:
-    path = Path(os.path.expanduser(raw))
-    if path.exists():
-        return path
-    if os.sep in raw or raw.startswith((".", "~")) or path.suffix:
-        raise UsageError(f"data path not found: {raw}")
-    raise UsageError(f"unknown data spec {raw!r}; expected {accepted}")
-
-
 def _is_token_file(spec: str) -> bool:
-    return spec.lower().endswith(TOKEN_FILE_SUFFIXES) and not spec.startswith(STREAM_PREFIX)
+    return is_token_file(spec) and not spec.startswith(STREAM_PREFIX)
 
 
 def _rows_from_token_file(spec: str, nsamples: int, seqlen: int) -> torch.LongTensor:
@@ -297,62 +209,6 @@ def _rows_from_token_file(spec: str, nsamples: int, seqlen: int) -> torch.LongTe
     if rows < nsamples:
         raise UsageError(f"token file {spec} has {rows} rows, fewer than the {nsamples} samples requested")
     return tokens[:nsamples].clone()
-
-
-# ----------------------------------------------------------------------------- tokenizing
-
-def _encoder(tokenizer, *, add_special_tokens: bool = True) -> Callable[[str], List[int]]:
-    if tokenizer is None:
-        raise UsageError("a tokenizer is needed to turn text into token ids (only .pt/.npy token files work without one)")
-
-    def encode(text: str) -> List[int]:
-        # verbose=False: whole documents are longer than model_max_length, which is fine here
-        # because no model sees them unwindowed.
-        return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
-
-    return encode
-
-
-# ----------------------------------------------------------------------------- hub loaders
-
-def _load_dataset(*args, script: bool = False, **kwargs):
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError("hub data needs the 'datasets' package: pip install datasets") from None
-    major = int(datasets.__version__.split(".")[0])
-    if script and major < 4:
-        # Script datasets run their loading script only when trusted (2.20-3.x); on datasets >= 4 the
-        # scripts are gone and the parquet conversion the hub keeps under refs/convert/parquet is read.
-        kwargs["trust_remote_code"] = True
-    elif script:
-        kwargs["revision"] = "refs/convert/parquet"
-    return datasets.load_dataset(*args, **kwargs)
-
-
-def _load_c4_train():
-    return _load_dataset(C4_DATASET, "en", data_files={"train": C4_TRAIN_FILE}, split="train",
-                         verification_mode="no_checks")
-
-
-def _load_bookcorpus():
-    # [unverified] on datasets >= 4 the parquet conversion is assumed to keep the script's row order.
-    return _load_dataset("bookcorpus", split="train", script=True)
-
-
-def _hub_text(path: str, name: str, split: str, field: str, *, script: bool = False) -> List[str]:
-    return list(_load_dataset(path, name, split=split, script=script)[field])
-
-
-# ----------------------------------------------------------------------------- small helpers
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 # ----------------------------------------------------------------------------- consecutive windows
@@ -385,124 +241,14 @@ def window_calibration(spec: str, *, tokenizer, nsamples: int, seqlen: int) -> t
     elif spec == "wikitext103-train":
         text = "\n\n".join(_first_rows(WIKITEXT_DATASET, WIKITEXT103_CONFIG, "train", "text", WIKITEXT103_ROWS))
     else:
-        path = _local_text_path(spec[len(WINDOWS_PREFIX):], _ACCEPTED_CALIB, SMOKE_CALIB_TEXT)
+        path = local_text_path(spec[len(WINDOWS_PREFIX):], _ACCEPTED_CALIB, SMOKE_CALIB_TEXT)
         text = "\n\n".join(read_documents(path, paragraphs=False))
-    return consecutive_windows(_encoder(tokenizer)(text), nsamples=nsamples, seqlen=seqlen)
+    return consecutive_windows(encoder(tokenizer)(text), nsamples=nsamples, seqlen=seqlen)
 
 
 def _first_rows(path: str, name, split: str, field: str, count: int) -> List[str]:
     # Streaming reads only the split's own files: PG19's train split alone is some 11 GB.
     import itertools
 
-    rows = _load_dataset(path, name, split=split, streaming=True)
+    rows = load_dataset(path, name, split=split, streaming=True)
     return [row[field] for row in itertools.islice(rows, count)]
-
-
-# ----------------------------------------------------------------------------- training data
-
-DCLM_DATASET = "Zephyr271828/dclm-260b"      # the collection's DCLM-Baseline-1.0 subset, Llama-3 tokens
-DCLM_REVISION = "llama3-pyarrow-60b"          # 60B tokens in the FMS-FSDP arrow format
-TRAINING_TOKEN_SUFFIXES = (".pt", ".npy", ".bin")
-_ACCEPTED_TRAIN = ("a token file (.pt/.npy/.bin), a folder of rank_<k>.arrow files, dclm, smoke, "
-                   "a local text file or folder, c4, wikitext2 or bookcorpus")
-
-
-def training_source(spec: str, *, tokenizer=None, seqlen: int, seed: int = 0, shuffle: bool = True,
-                    vocab_size: Optional[int] = None, dynamic=None):
-    """What `lpc train --data SPEC` reads, as a factory `(layout, rank) -> stream` (training/data.py).
-
-    Token files and text become random-access windows served in global batches; text is packed as
-    [BOS] + document + [EOS] (the tokenizer's own ids; a missing one is left out). A folder of
-    `rank_<k>.arrow` files, and `dclm` (downloaded from the hub), are read in the FMS-FSDP way.
-    With `dynamic` (training.data.Dynamic: dynamic batch loading), SPEC is a folder (`smoke`: the
-    shipped text, one chapter file per domain) and each domain is its entry of that name: a token
-    file, a text file (paragraphs as documents) or a folder of text files.
-    Everything is validated here, before any training starts.
-    """
-    from training import data as train_data
-
-    spec = str(spec)
-    path = Path(os.path.expanduser(spec))
-    bos = getattr(tokenizer, "bos_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if dynamic is not None:
-        return _domain_source(spec, dynamic, tokenizer=tokenizer, seqlen=seqlen, seed=seed, vocab_size=vocab_size)
-    if spec == "dclm" or (path.is_dir() and any(train_data.ARROW_FILE.match(p.name) for p in path.iterdir())):
-        folder = _dclm_folder() if spec == "dclm" else path
-        return lambda layout, rank: train_data.ArrowShards(folder, layout, rank=rank, seqlen=seqlen, bos=bos, eos=eos)
-    if spec.lower().endswith(TRAINING_TOKEN_SUFFIXES):
-        windows = train_data.Windows.from_file(spec, seqlen)
-    else:
-        windows = train_data.Windows(train_data.pack_documents(_training_documents(spec, tokenizer), bos=bos,
-                                                               eos=eos, seqlen=seqlen), seqlen, origin=spec)
-    if vocab_size is not None and windows.max_id() >= vocab_size:
-        raise UsageError(f"{spec} holds token id {windows.max_id()}, outside the model's vocabulary of {vocab_size}")
-    return lambda layout, rank: train_data.GlobalStream(windows, layout, rank=rank, seed=seed, shuffle=shuffle)
-
-
-def _domain_source(spec: str, dynamic, *, tokenizer, seqlen: int, seed: int, vocab_size: Optional[int]):
-    from training import data as train_data
-
-    folder = SMOKE_CALIB_TEXT if spec == "smoke" else Path(os.path.expanduser(spec))
-    train = [_domain_windows(folder, name, tokenizer, seqlen, "--data") for name in dynamic.names]
-    if dynamic.eval_data:
-        held_out = Path(os.path.expanduser(dynamic.eval_data))
-        evaluation = [_domain_windows(held_out, name, tokenizer, seqlen, "--eval-data") for name in dynamic.names]
-    else:
-        train, evaluation = map(list, zip(*(w.split(dynamic.eval_windows) for w in train)))
-    for windows in train + evaluation:
-        if vocab_size is not None and windows.max_id() >= vocab_size:
-            raise UsageError(f"{windows.origin} holds token id {windows.max_id()}, outside the model's vocabulary "
-                             f"of {vocab_size}")
-    return lambda layout, rank: train_data.DomainStream(train, evaluation, layout, rank=rank, seed=seed,
-                                                        dynamic=dynamic)
-
-
-def _domain_windows(folder: Path, name: str, tokenizer, seqlen: int, flag: str):
-    """The domain `name` of a dynamic-loading folder: its entry of that name (any suffix), as windows."""
-    from training import data as train_data
-
-    if not folder.is_dir():
-        raise UsageError(f"dynamic batch loading reads one entry per domain from a folder; {flag} {folder} is not one")
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    matches = [p for p in entries if p.name == name or (p.is_file() and p.stem == name)]
-    if len(matches) != 1:
-        known = ", ".join(sorted({p.stem if p.is_file() else p.name for p in entries}))
-        problem = "no entry" if not matches else "more than one entry"
-        raise UsageError(f"unknown domain {name!r}: {flag} {folder} has {problem} named {name} (it has {known})")
-    entry = matches[0]
-    if entry.is_file() and entry.suffix in TRAINING_TOKEN_SUFFIXES:
-        return train_data.Windows.from_file(entry, seqlen)
-    documents = [_encoder(tokenizer, add_special_tokens=False)(text) for text in read_documents(entry)]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return train_data.Windows(train_data.pack_documents(documents, bos=bos, eos=eos, seqlen=seqlen), seqlen,
-                              origin=str(entry))
-
-
-def _training_documents(spec: str, tokenizer) -> List[List[int]]:
-    if spec == "c4":
-        texts = [row["text"] for row in _load_c4_train()]
-    elif spec == "wikitext2":
-        texts = [t for t in _hub_text(WIKITEXT_DATASET, WIKITEXT_CONFIG, "train", "text") if t.strip()]
-    elif spec == "bookcorpus":
-        texts = [row["text"] for row in _load_bookcorpus()]
-    else:
-        texts = read_documents(_local_text_path(spec, _ACCEPTED_TRAIN, SMOKE_CALIB_TEXT))
-    encode = _encoder(tokenizer, add_special_tokens=False)
-    return [encode(text) for text in texts]
-
-
-def _dclm_folder() -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise UsageError("the dclm data needs huggingface_hub: pip install huggingface_hub") from None
-    from training.data import ARROW_FILE
-
-    root = Path(snapshot_download(DCLM_DATASET, repo_type="dataset", revision=DCLM_REVISION,
-                                  allow_patterns=["*.arrow"]))
-    folders = sorted({p.parent for p in root.rglob("*.arrow") if ARROW_FILE.match(p.name)})
-    if not folders:
-        raise UsageError(f"the {DCLM_DATASET}@{DCLM_REVISION} download holds no rank_<k>.arrow files")
-    return folders[0]

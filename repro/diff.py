@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from repro import figures
 from repro.figures import num
-from repro.results import read_json
+from methods.core.results import read_json
 from repro.schema import is_num
 from repro.tables import Claim, ExpectedFailure, Figure, FigureClaim, MetricRef, Profile, Series, Source
 from repro.tolerance import band
@@ -325,7 +325,7 @@ def render(comparison: Comparison) -> str:
 def reference_origin(method: str, profile: str, root: Path = KIT_REFERENCES) -> List[str]:
     """What the `reference` column is: the kit's own run, at which commit, on which kind of machine
     (read off the stored results' provenance, one line per commit and machine)."""
-    from repro.provenance import machine_summary
+    from methods.core.provenance import machine_summary
 
     folder = results_dir(root, profile, method)
     runs: Dict[Tuple[str, str], List[str]] = {}

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from repro.results import read_json
+from methods.core.results import read_json
 from repro.schema import is_num
 from repro.tables import EPS, Figure, Reading, Source
 

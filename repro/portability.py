@@ -65,13 +65,13 @@ def prune_row(method: str, row: str, out: Path, compute_dtype: Optional[str]) ->
     """The row's prune stage as the smoke recipe prescribes it (compute dtype optionally replaced)."""
     import dataclasses
 
-    from repro import stages
+    from repro import prune_stage
     from repro.recipe import load_recipe
 
     request = load_recipe(method, "smoke").prune_request(row, out=out)
     if compute_dtype is not None:
         request = dataclasses.replace(request, compute_dtype=compute_dtype)
-    stages.prune(request, overwrite=True)
+    prune_stage.prune(request, overwrite=True)
 
 
 def compare_checkpoints(folders: Dict[str, Path]) -> Dict[str, dict]:
@@ -190,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         machines = dict(item.split("=", 1) for item in args.machine)
         report = row_matrix(args.method, rows, args.out, emulations, {k: Path(v) for k, v in machines.items()})
         name = f"spread-{args.method}.json"
-    from repro.results import write_json_atomic
+    from methods.core.results import write_json_atomic
 
     write_json_atomic(args.out / name, report)
     print(f"wrote {args.out / name}")

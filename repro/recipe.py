@@ -13,7 +13,7 @@ One profile of a recipe reads:
       n8: {remove_layers: 8}         # method options: prune, then evaluate
       n8-cpt: {remove_layers: 8, train: cpt}   # prune, train with spec `cpt`, evaluate
 
-A row is a pipeline of stages (repro/stages.py): prune (every row but the dense one), train (rows
+A row is a pipeline of stages (repro/plan.py): prune (every row but the dense one), train (rows
 with `train:`), evaluate. A method whose pruning is a training run (Sheared LLaMA) names the train
 spec of that run with `pruning_run: <spec>` (its kind is the method's name; the row's method options
 become the run's own settings): `shear-cpt: {target_shape: 1.3b, pruning_run: shear, train: cpt}`. The models below are the schema; a train spec is checked by building the
@@ -21,19 +21,18 @@ very options `lpc train` would run with, so a bad spec fails when the recipe is 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Dict, Literal, Optional, Union
 
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
+from methods.core.identity import fingerprint
+from repro.requests import DENSE, PruneRequest
 from repro.schema import Model, SchemaError, read_yaml, validate
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-DENSE = "dense"
 # A row's key naming its train spec, and the key naming the spec of the training run that is its
 # prune stage (methods whose pruning is a training run); every other key of a row is a method option.
 TRAIN = "train"
@@ -144,14 +143,9 @@ def train_options(spec: Dict[str, Any], *, model: str, out: str, dense: str, set
     if values.get("teacher") == TEACHER_DENSE:
         values["teacher"] = dense
     try:
-        options = TrainOptions(**values)
+        return TrainOptions(**values)
     except ValidationError as exc:
         raise UsageError(one_line(exc, TrainOptions.model_fields)) from None
-    if options.kind == "lora":
-        from repro.stages import lora_recipe
-
-        lora_recipe(options)
-    return options
 
 
 @dataclass
@@ -180,10 +174,8 @@ class Recipe:
         spec = self.train_spec(row)
         return None if spec is None else train_options(spec, model=str(model), out=str(out), dense=self.config["model"])
 
-    def prune_request(self, row: str, *, out):
+    def prune_request(self, row: str, *, out) -> PruneRequest:
         """The prune stage of a row, as `lpc prune` would be asked for it."""
-        from repro.stages import PruneRequest
-
         calibration = self.config.get("calibration") or {}
         return PruneRequest(model=self.config["model"], method=self.method, out=Path(out), options=self.options(row),
                             calib=calibration.get("spec"), nsamples=calibration.get("nsamples"),
@@ -214,8 +206,7 @@ class Recipe:
             identity["training"] = self.train_spec(row)
         if self.pruning_run(row) is not None:
             identity["pruning_run"] = self.pruning_run(row)
-        blob = json.dumps(identity, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return fingerprint(identity)
 
 
 def load_recipe(method: str, profile: str, path: Optional[Path] = None, *,
@@ -232,7 +223,7 @@ def load_recipe(method: str, profile: str, path: Optional[Path] = None, *,
     _check_pruning_runs(raw, data.method or method, f"{path.name}:{profile}")
     config = raw.model_dump(exclude_unset=True, exclude={"rows", "table"})
     if eval_batch_size is not None:
-        from methods.anatomy import parse_batch_size
+        from methods.core.batching import parse_batch_size
 
         config["batch_size"] = parse_batch_size("--eval-batch-size", eval_batch_size)
     table = path.parent / (raw.table or f"../tables/{data.table or method}.yaml")
@@ -242,25 +233,25 @@ def load_recipe(method: str, profile: str, path: Optional[Path] = None, *,
 def _pruning_kinds():
     from methods.registry import REGISTRY
 
-    return [m.name for m in REGISTRY.values() if m.trains]
+    return [m.training_kind for m in REGISTRY.values() if m.trains]
 
 
 def _check_pruning_runs(profile: RecipeProfile, method: str, where: str) -> None:
     """`pruning_run` belongs to methods whose pruning is a training run, and names a run of their kind."""
     import methods
 
-    trains = methods.get(method).trains
+    declared = methods.get(method)
     for row, options in profile.rows.items():
         name = options.get(PRUNING_RUN)
         if name is None:
-            if trains and row != DENSE and getattr(methods.make_options(methods.get(method), {
-                    k: v for k, v in options.items() if k not in ROW_STAGE_KEYS}), "trains", True):
+            if row != DENSE and declared.prunes_by_training(methods.make_options(declared, {
+                    k: v for k, v in options.items() if k not in ROW_STAGE_KEYS})):
                 raise UsageError(f"{where}: rows.{row}: method {method!r} prunes by a training run; name its "
                                  f"train spec with `{PRUNING_RUN}:`")
             continue
-        if not trains:
+        if not declared.trains:
             raise UsageError(f"{where}: rows.{row}.{PRUNING_RUN}: method {method!r} does not prune by training")
         kind = profile.training[name].get("kind")
-        if kind != method:
+        if kind != declared.training_kind:
             raise UsageError(f"{where}: rows.{row}.{PRUNING_RUN}: spec {name!r} has kind {kind!r}; the pruning "
-                             f"run of {method} is kind {method}")
+                             f"run of {method} is kind {declared.training_kind}")

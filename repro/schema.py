@@ -14,7 +14,7 @@ import reprlib
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError, WrapValidator, model_validator
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 
 M = TypeVar("M", bound=BaseModel)
 

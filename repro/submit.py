@@ -1,7 +1,8 @@
-"""`lpc repro <method> --submit local|slurm|skypilot`: the rows' stages as a chain of jobman jobs.
+"""`lpc repro <method> --submit local|slurm|skypilot`: the plan of the rows (repro/plan.py) as jobman jobs.
 
-Every unfinished stage of every selected row becomes one job running the stage's own command, and
-the jobs are chained with afterok dependencies:
+Every step of the plan becomes one job running its stage's command on the request file the step's
+request was written to (`lpc prune --request FILE`, the train stage under torchrun, `lpc eval
+--request FILE`), and the jobs are chained with afterok dependencies as the steps depend:
 
     dense: eval --gate ─┬─> row a: prune -> train (torchrun, N GPUs x K nodes) -> eval ─┐
                         └─> row b: prune -> eval ──────────────────────────────────────┴─> diff (afterany)
@@ -22,13 +23,13 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from methods.errors import UsageError
-from repro import stages
-from repro.recipe import DENSE, Recipe, load_recipe
-from repro.results import read_json, write_json_atomic
-from repro.runner import check_dense, check_device, finished, select_rows, shared_dense, work_dir
+from methods.core.errors import UsageError
+from repro import plan as planner
+from repro.plan import Step, check_device, select_rows, work_dir
+from repro.recipe import Recipe, load_recipe
+from repro.requests import write_request
 from repro.tables import load_profile
 
 # Passed to every job by name: jobman reads its value where the job runs and stores it nowhere.
@@ -40,7 +41,7 @@ FORWARDED = ("LPC_DCLM_ARRAY_RECORD",)
 @dataclass
 class Job:
     name: str
-    command: List[str]                    # the stage's argument vector (after the interpreter)
+    command: List[str]                    # the stage's python arguments (after the interpreter)
     after: List["Job"] = field(default_factory=list)
     kind: str = "afterok"
     torchrun: Optional[Tuple[int, int]] = None   # (nodes, processes per node) for a training stage
@@ -85,134 +86,94 @@ def parse_tpu(text: Optional[str], *, backend: str, nodes: int) -> Optional[str]
     return accelerator.name
 
 
-def plan(recipe: Recipe, table, rows: List[str], *, results_root: Path, work: Path, gpus: Optional[str],
-         nodes: int, dense_gate: bool, tpu: Optional[str] = None, log=print) -> List[Job]:
-    """The jobs for the unfinished stages of `rows`, dense first, then one diff job."""
+def plan_jobs(recipe: Recipe, table, rows: List[str], *, results_root: Path, work: Path, gpus: Optional[str],
+              nodes: int, dense_gate: bool, tpu: Optional[str] = None, log=print) -> List[Job]:
+    """The plan of `rows` (repro/plan.py) as jobs, their request files written; a training left in a
+    row's own folder by other inputs is cleared, so that its job starts afresh."""
+    steps = planner.plan(recipe, table, rows, results_root=results_root, work=work, dense_gate=dense_gate, log=log)
+    for step in steps:
+        if step.stale:
+            shutil.rmtree(step.request.out)
+    return jobs_of(steps, recipe, results_root=results_root, work=work, rows=rows, gpus=gpus, nodes=nodes, tpu=tpu)
+
+
+def jobs_of(steps: List[Step], recipe: Recipe, *, results_root: Path, work: Path, rows: List[str],
+            gpus: Optional[str], nodes: int, tpu: Optional[str] = None) -> List[Job]:
+    """The plan's steps as jobs: each runs its stage command on a request file the plan's request was
+    written to (`lpc prune|eval --request`, the train stage under torchrun), chained afterok as the
+    steps depend, then one diff job after every evaluation, whatever their outcome."""
     accelerator, per_node = parse_gpus(gpus)
     one = None if accelerator is None else accelerator.split(":")[0] + ":1"
     single = one if recipe.config.get("device", "cpu").startswith("cuda") else None
-    measures = stages.metric_specs(table)
     base = f"lpc-{recipe.method}"
-    results = Path(results_root).resolve()
-    common = ["--profile", recipe.profile, "--results-dir", str(results), "--recipe", str(recipe.path)]
-    if "batch_size" in recipe.config:  # as the recipe says, or as --eval-batch-size replaced it
-        common += ["--eval-batch-size", str(recipe.config["batch_size"])]
-    jobs: List[Job] = []
-    gate: Optional[Job] = None
-    evals: List[Job] = []
-    for row in rows:
-        path = results / recipe.profile / recipe.method / f"{row}.json"
-        stamp = recipe.fingerprint(row, measures)
-        if finished(path, stamp):
-            log(f"[{recipe.method}/{recipe.profile}] {row}: done already ({path})")
-            if row == DENSE and dense_gate:
-                check_dense(table, read_json(path), log)
-            continue
-        shared = shared_dense(results, recipe.profile, stamp) if row == DENSE else None
-        if shared is not None:
-            write_json_atomic(path, {**read_json(shared), "method": recipe.method})
-            log(f"[{recipe.method}/{recipe.profile}] {row}: same dense model and protocol as {shared}, reused")
-            if dense_gate:
-                check_dense(table, read_json(path), log)
-            continue
-        name = _job_name(base, row)
-        previous = [gate] if gate is not None and row != DENSE else []
-        model = recipe.config["model"]
-        if row != DENSE:
-            request = recipe.prune_request(row, out=work / row / "pruned")
-            pruned = stages.prune_fingerprint(request)
-            done = stages.read_manifest(request.out, stages.PRUNE_MANIFEST)
-            if done is None or done.get("fingerprint") != pruned:
-                job = Job(f"{name}-prune", _prune_command(request), after=previous, accelerator=single)
-                jobs.append(job)
-                previous = [job]
-            model = str(request.out)
-            options = recipe.train_options(row, model=model, out=work / row / "trained")
-            if options is not None:
-                state = stages.train_state(options.out, stages.train_identity(options, pruned=pruned)[0])
-                if state == "stale":  # the row's own folder, left by other inputs: the job starts afresh
-                    shutil.rmtree(options.out)
-                if state != "done":
-                    if options.engine == "maxtext":
-                        jobs += _maxtext_jobs(f"{name}-train", options, previous, tpu)
-                    elif tpu is not None:
-                        raise UsageError(f"--tpu {tpu}: row {row} trains with the hf engine (torchrun on GPUs); "
-                                         "TPU slices train rows whose training spec says engine: maxtext")
-                    else:
-                        jobs.append(_train_job(f"{name}-train", options, previous, accelerator, per_node, nodes,
-                                               one))
-                    previous = [jobs[-1]]
-                model = options.out
-        job = Job(f"{name}-eval", ["eval", "--model", str(model), "--method", recipe.method, "--row", row, *common,
-                                   *(["--gate"] if row == DENSE and dense_gate else [])],
-                  after=previous, accelerator=single)
-        jobs.append(job)
-        evals.append(job)
-        if row == DENSE and dense_gate:
-            gate = job
-    jobs.append(Job(f"{base}-diff", ["diff", recipe.method, "--profile", recipe.profile, "--results-dir",
-                                     str(results), "--table", str(recipe.table), "--rows", ",".join(rows)],
-                    after=evals, kind="afterany"))
-    return jobs
+    jobs: Dict[int, Job] = {}
+    out: List[Job] = []
+    for step in steps:
+        name = _job_name(base, step.row) + f"-{step.stage}"
+        after = [jobs[id(dep)] for dep in step.after]
+        request = work / step.row / f"{step.stage}.request.json"
+        if step.stage == "train":
+            made = _train_jobs(name, step.request, after, request, accelerator, per_node, nodes, one, tpu, step.row)
+        else:
+            write_request(step.request, request)
+            made = [Job(name, ["-m", "repro.cli", step.stage, "--request", str(request)], after=after,
+                        accelerator=single)]
+        out += made
+        jobs[id(step)] = made[-1]
+    evals = [jobs[id(s)] for s in steps if s.stage == "eval"]
+    out.append(Job(f"{base}-diff", ["-m", "repro.cli", "diff", recipe.method, "--profile", recipe.profile,
+                                    "--results-dir", str(Path(results_root).resolve()), "--table", str(recipe.table),
+                                    "--rows", ",".join(rows)], after=evals, kind="afterany"))
+    return out
 
 
 def _job_name(base: str, row: str) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "-", f"{base}-{row}")
 
 
-def _prune_command(request: stages.PruneRequest) -> List[str]:
-    import json
+def _train_jobs(name: str, options, after: List[Job], request: Path, accelerator: Optional[str],
+                per_node: Optional[int], nodes: int, one: Optional[str], tpu: Optional[str], row: str) -> List[Job]:
+    from methods.core.batching import accumulation_steps
+    from training import kinds
+    from training.stage import worker_command
 
-    args = ["prune", "--model", request.model, "--method", request.method, "--out", str(request.out),
-            "--seed", str(request.seed), "--dtype", request.dtype, "--overwrite"]
-    for key, value in (("--revision", request.revision), ("--device", request.device), ("--calib", request.calib),
-                       ("--compute-dtype", request.compute_dtype),
-                       ("--nsamples", request.nsamples), ("--seqlen", request.seqlen),
-                       ("--calib-batch", None if request.calib_batch == 1 else request.calib_batch)):
-        if value is not None:
-            args += [key, str(value)]
-    # JSON is YAML, which `lpc prune` reads option values as: every value keeps its type.
-    for key, value in request.options.items():
-        args += ["--option", f"{key}={json.dumps(value)}"]
-    if request.training is not None:  # the training run of a method that prunes by one (one node, --nproc)
-        for key, value in stages.pruning_run_options(request).model_dump(
-                exclude_defaults=True, exclude={"model", "out", "kind", "recipe", "device", "seed"}).items():
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                args.append(flag if value else "--no-" + key.replace("_", "-"))
-            else:
-                args += [flag, json.dumps(value)]
-        args[args.index("--seed") + 1] = str(stages.pruning_run_options(request).seed)
-    return args
-
-
-def _train_job(name: str, options, after: List[Job], accelerator: Optional[str], per_node: Optional[int],
-               nodes: int, one: Optional[str]) -> Job:
-    if options.kind == "lora":  # one process: LoRA recovery is not distributed
-        return Job(name, stages.train_command(options), after=after, accelerator=one)
+    if options.engine == "maxtext":
+        return _maxtext_jobs(name, options, after, request, tpu)
+    if tpu is not None:
+        raise UsageError(f"--tpu {tpu}: row {row} trains with the hf engine (torchrun on GPUs); "
+                         "TPU slices train rows whose training spec says engine: maxtext")
+    if not kinds.get(options.kind).distributed:  # one process, the kind's own loop
+        write_request(options, request)
+        return [Job(name, worker_command(request), after=after, accelerator=one)]
     per_node = per_node or options.nproc
-    world = per_node * nodes
-    if options.global_batch % (options.micro_batch * world):
-        raise UsageError(f"{name}: global batch {options.global_batch} is not divisible by micro batch "
-                         f"{options.micro_batch} x {world} processes ({nodes} node(s) x {per_node})")
-    return Job(name, stages.train_command(options, worker=True), after=after, torchrun=(nodes, per_node),
-               accelerator=accelerator, nodes=nodes)
+    try:
+        accumulation_steps(options.global_batch, options.micro_batch, per_node * nodes)
+    except UsageError as exc:
+        raise UsageError(f"{name}: {exc} ({nodes} node(s) x {per_node})") from None
+    # torchrun sets the world size: the workers' request leaves out nproc.
+    write_request(options.model_copy(update={"nproc": 1}), request)
+    return [Job(name, worker_command(request), after=after, torchrun=(nodes, per_node), accelerator=accelerator,
+                nodes=nodes)]
 
 
-def _maxtext_jobs(name: str, options, after: List[Job], tpu: Optional[str]) -> List[Job]:
+def _maxtext_jobs(name: str, options, after: List[Job], request: Path, tpu: Optional[str]) -> List[Job]:
     """MaxText training: one job on one machine; on a TPU slice, three: prepare on one host, MaxText's
     trainer on every host of the slice (SkyPilot runs a TPU job's command on each), export on one host."""
     from training.maxtext.train import resolve_data
+    from training.stage import worker_command
 
     resolve_data(options.data)  # a data location the jobs will not find stops the submission here
     if tpu is None:
-        return [Job(name, stages.train_command(options), after=after)]
-    prepare = Job(f"{name}-prepare", stages.train_command(options.model_copy(update={"phase": "prepare"})),
-                  after=after)
-    run = Job(name, stages.train_command(options.model_copy(update={"phase": "run", "tpu": tpu})), after=[prepare],
-              accelerator=tpu)
-    export = Job(f"{name}-export", stages.train_command(options.model_copy(update={"phase": "export"})), after=[run])
-    return [prepare, run, export]
+        write_request(options, request)
+        return [Job(name, worker_command(request), after=after)]
+    phases = []
+    for phase, accelerator in (("prepare", None), ("run", tpu), ("export", None)):
+        file = request.with_name(f"train-{phase}.request.json")
+        write_request(options.model_copy(update={"phase": phase, **({"tpu": tpu} if phase == "run" else {})}), file)
+        job = Job(name if phase == "run" else f"{name}-{phase}", worker_command(file),
+                  after=phases[-1:] or after, accelerator=accelerator)
+        phases.append(job)
+    return phases
 
 
 def script(job: Job, python: List[str], title: str) -> str:
@@ -226,7 +187,7 @@ def script(job: Job, python: List[str], title: str) -> str:
             launch = (f"--nnodes {nodes} --rdzv-backend c10d --rdzv-id \"lpc-$JOBMAN_JOB_ID\" "
                       "--rdzv-endpoint \"$JOBMAN_COORDINATOR_ADDR:${MASTER_PORT:-29500}\"")
         command += f" -m torch.distributed.run {launch} --nproc-per-node {per_node}"
-    command += " -m repro.cli " + " ".join(shlex.quote(a) for a in job.command)
+    command += " " + " ".join(shlex.quote(a) for a in job.command)
     return f"#!/bin/bash\n# {title}: {job.name}\nset -euo pipefail\nexec {command}\n"
 
 
@@ -249,8 +210,8 @@ def submit(method: str, profile: str, *, backend: str, results_root: Path, rows:
     # Local and Slurm jobs see this machine's files (Slurm's home is shared); a SkyPilot node has the
     # kit installed in its image instead.
     python = ["python3"] if backend == "skypilot" else [sys.executable]
-    jobs = plan(recipe, table, selected, results_root=results_root, work=work, gpus=gpus, nodes=nodes,
-                dense_gate=dense_gate, tpu=tpu, log=log)
+    jobs = plan_jobs(recipe, table, selected, results_root=results_root, work=work, gpus=gpus, nodes=nodes,
+                     dense_gate=dense_gate, tpu=tpu, log=log)
     secrets = [name for name in SECRETS if name in os.environ]
     title = f"lpc repro {recipe.method} --profile {profile}"
     for job in jobs:

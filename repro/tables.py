@@ -14,7 +14,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, model_validator
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro.schema import Model, Num, SchemaError, explained, is_num, read_yaml, shown, validate
 from repro.tolerance import PPL_REL_DEFAULT
 

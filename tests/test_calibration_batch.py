@@ -9,7 +9,7 @@ import torch
 
 import methods
 from methods.calibration import calibration_batch, sequential_layers
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from tests.conftest import lpc, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +71,8 @@ def test_bad_calibration_batches_are_one_usage_error(value):
 
 
 def test_a_batched_prune_is_another_checkpoint_but_batch_1_keeps_old_fingerprints(tmp_path):
-    from repro.stages import PruneRequest, prune_fingerprint
+    from repro.prune_stage import prune_fingerprint
+    from repro.requests import PruneRequest
 
     tiny_llama().save_pretrained(tmp_path / "tiny")
     base = dict(model=str(tmp_path / "tiny"), method="wanda", out=tmp_path / "out",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro import data
 
 WORDS = ("the a river house boat man woman walked rowed looked saw quiet green old new by under over "

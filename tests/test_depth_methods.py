@@ -180,7 +180,7 @@ def test_choose_first_on_ties_and_accuracy_direction():
 def test_minitron_depth_scores_with_an_lm_eval_task():
     """The accuracy scorer on the kit's smoke task: a tiny model with the smoke tokenizer's vocabulary."""
     pytest.importorskip("lm_eval")
-    from repro.models import load_model
+    from methods.core.models import load_model
 
     _, tokenizer = load_model("smoke", load_tokenizer=True)
     model = tiny_llama(num_kv_heads=2, num_hidden_layers=3, vocab_size=len(tokenizer), hidden_size=16,
@@ -210,7 +210,7 @@ def saved_gqa(tmp_path):
 def test_prune_save_reload_and_generate_with_a_cache(saved_gqa, method, options, capsys):
     from transformers import AutoModelForCausalLM
 
-    from repro.models import load_model
+    from methods.core.models import load_model
 
     out = saved_gqa / "pruned"
     code = main(["prune", "--model", str(saved_gqa / "dense"), "--method", method, *options,
@@ -276,14 +276,14 @@ def test_an_unknown_scan_task_is_one_line_before_any_loading(tmp_path, capsys):
     ({"remove_layers": 1, "metric": "angular"}, "method 'shortgpt': metric 'angular' exists only in the unofficial"),
 ])
 def test_shortgpt_options(options, message):
-    from methods.errors import UsageError
+    from methods.core.errors import UsageError
 
     with pytest.raises(UsageError, match=message):
         methods.make_options(methods.get("shortgpt"), options)
 
 
 def test_minitron_depth_options():
-    from methods.errors import UsageError
+    from methods.core.errors import UsageError
 
     make = lambda **o: methods.make_options(methods.get("minitron-depth"), o)  # noqa: E731
     with pytest.raises(UsageError, match="option select must be 'closest' or 'best', got 'worst'"):
@@ -304,7 +304,7 @@ def test_minitron_depth_options():
 
 def test_a_task_scorer_needs_the_tokenizer():
     pytest.importorskip("lm_eval")
-    from methods.errors import UsageError
+    from methods.core.errors import UsageError
 
     with pytest.raises(UsageError, match="needs the model's tokenizer"):
         methods.prune(_gqa(layers=3), "minitron-depth", _calib(), device="cpu", remove_layers=1,

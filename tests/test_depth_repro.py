@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro import data
 from repro.cli import main
 from repro.recipe import RECIPES, load_recipe
@@ -65,7 +65,7 @@ def test_recipe_options_are_valid_method_options():
 def tok():
     from transformers import AutoTokenizer
 
-    from repro.smoke_model import smoke_model_dir
+    from methods.core.smoke_model import smoke_model_dir
 
     return AutoTokenizer.from_pretrained(smoke_model_dir())
 
@@ -113,7 +113,7 @@ def test_hub_window_specs_read_what_the_collection_read(tok, monkeypatch, spec, 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from repro.smoke_model import smoke_model_dir
+    from methods.core.smoke_model import smoke_model_dir
 
     smoke_model_dir()
     return tmp_path_factory.mktemp("depth-smoke")
@@ -133,7 +133,7 @@ def test_one_smoke_row_matches_its_reference(results, method, row, capsys):
 def test_minitron_depth_training_rows_prune_train_evaluate_and_diff(results, capsys):
     """`make repro-minitron-depth PROFILE=smoke`'s training rows: the 22-layer model pruned once,
     trained with cross-entropy and, at equal steps, distilled from the dense model, then evaluated."""
-    from repro.results import read_json
+    from methods.core.results import read_json
 
     rows = "dense,ppl-n8,ppl-n8-cpt,ppl-n8-kd"
     code = main(["repro", "minitron-depth", "--profile", "smoke", "--rows", rows, "--results-dir", str(results)])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from methods import scoring
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from methods.scoring import TaskSpec, perplexity
 from repro import evaluate
 from tests.conftest import golden_path, tiny_llama

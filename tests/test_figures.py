@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro import diff, figures
 from repro.cli import main
 from repro.tables import TABLES, load_profile, parse_profile

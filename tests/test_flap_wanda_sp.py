@@ -11,11 +11,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import methods
 from methods import surgery, width_stats
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro.cli import main
-from repro.models import dtype_kwarg, load_model, save_checkpoint
-from repro.results import read_json
-from repro.smoke_model import smoke_model_dir
+from methods.core.models import dtype_kwarg, load_model, save_checkpoint
+from methods.core.results import read_json
+from methods.core.smoke_model import smoke_model_dir
 from tests.conftest import golden_path, tiny_llama
 
 

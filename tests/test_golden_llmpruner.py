@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import methods
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from methods.scoring import perplexity
-from repro.models import dtype_kwarg
+from methods.core.models import dtype_kwarg
 from tests.conftest import golden_manifests, golden_params, golden_path
 
 TAYLOR = {"param_first": "element1", "param_second": "element2", "vectorize": "vector", "param_mix": "param_mix"}

@@ -19,7 +19,7 @@ import torch
 
 import methods
 from methods import sheared
-from repro.models import dtype_kwarg
+from methods.core.models import dtype_kwarg
 from tests.conftest import GOLDEN, golden_manifests, golden_params, golden_path
 from training.data import update_proportions
 

@@ -6,7 +6,7 @@ import torch
 
 import methods
 from methods import gradients, llm_pruner, shortened
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")

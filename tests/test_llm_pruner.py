@@ -8,7 +8,7 @@ import torch
 
 import methods
 from methods import surgery
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from methods.llm_pruner import IMPORTANCE, Options
 from repro.cli import main
 from tests.conftest import tiny_llama
@@ -174,7 +174,7 @@ def test_channel_mode_l2_is_the_mean_of_the_members_without_the_embedding():
 def test_save_and_reload_give_identical_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from repro.models import load_model, save_checkpoint
+    from methods.core.models import load_model, save_checkpoint
 
     base = tmp_path / "base"
     tiny_llama(num_kv_heads=2, num_hidden_layers=4).save_pretrained(base)
@@ -226,7 +226,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dirs, tmp_path, capsys, extra, me
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from repro.smoke_model import smoke_model_dir
+    from methods.core.smoke_model import smoke_model_dir
 
     smoke_model_dir()
     return tmp_path_factory.mktemp("smoke-results")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from tests.conftest import tiny_llama
 from training import lora
 
@@ -90,7 +90,7 @@ def test_validation_split_is_the_datasets_train_test_split():
 def test_recipe_refuses_bad_values():
     with pytest.raises(UsageError, match="no option"):
         lora.LoraRecipe.from_spec({"learning_rate": 1e-4})
-    with pytest.raises(UsageError, match="multiple of micro_batch_size"):
+    with pytest.raises(UsageError, match="global batch 10 is not divisible by micro batch 4"):
         lora.LoraRecipe.from_spec({"batch_size": 10, "micro_batch_size": 4})
     with pytest.raises(UsageError, match="precision"):
         lora.LoraRecipe.from_spec({"precision": "fp8"})

@@ -34,13 +34,13 @@ needs_maxtext = pytest.mark.skipif(not _has_maxtext(), reason="MaxText runs in .
 
 
 def _smoke_dir() -> Path:
-    from repro.models import resolve
+    from methods.core.models import resolve
 
     return Path(resolve("smoke"))
 
 
 def _save(model, out: Path) -> Path:
-    from repro.models import save_checkpoint
+    from methods.core.models import save_checkpoint
 
     save_checkpoint(model, None, out)
     for name in TOKENIZER_FILES:  # MaxText's export writes a tokenizer: give the tiny models the smoke one
@@ -111,7 +111,7 @@ def converted(tmp_path_factory):
 
 
 def _hf_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
-    from repro.models import load_model
+    from methods.core.models import load_model
 
     model, _ = load_model(str(model_dir), load_tokenizer=False)
     with torch.no_grad():

@@ -22,8 +22,8 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 import torch  # noqa: E402
 
 from methods import scoring  # noqa: E402
-from repro import stages  # noqa: E402
-from repro.models import load_model  # noqa: E402
+from repro import eval_stage  # noqa: E402
+from methods.core.models import load_model  # noqa: E402
 from training.maxtext import convert  # noqa: E402
 from training.maxtext.lm import MaxTextLM, bucket  # noqa: E402
 
@@ -85,7 +85,7 @@ def test_eval_backend_scores_as_the_hf_path(tiny):
     the same calls on the Hugging Face model."""
     hf, mt = tiny
     model, tokenizer = load_model(str(hf))
-    ours, our_tokenizer = stages.EVAL_BACKENDS["maxtext"](str(mt), dtype="float32")
+    ours, our_tokenizer = eval_stage.EVAL_BACKENDS["maxtext"](str(mt), dtype="float32")
     stream = torch.as_tensor([tokenizer.encode(TEXTS[0] * 2)])
     expected = scoring.perplexity(model, stream, "windows", seqlen=32)
     assert abs(scoring.perplexity(ours, stream, "windows", seqlen=32) - expected) <= 1e-4 * expected

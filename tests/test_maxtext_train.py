@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_maxtext_convert import _save, _tiny  # noqa: E402
 
 from methods import scoring  # noqa: E402
-from repro import stages  # noqa: E402
-from methods.errors import UsageError  # noqa: E402
-from repro.models import load_model  # noqa: E402
+from training import stage  # noqa: E402
+from methods.core.errors import UsageError  # noqa: E402
+from methods.core.models import load_model  # noqa: E402
 from training.maxtext import train  # noqa: E402
 from training.options import parse_options  # noqa: E402
 
@@ -42,17 +42,17 @@ def test_cpt_few_steps_loss_decreases_and_exports(tmp_path):
     # As a TPU slice's chain runs it (lpc repro --submit skypilot --tpu): three phases, each a command.
     phase = {name: options.model_copy(update={"phase": name}) for name in ("prepare", "run", "export")}
     with pytest.raises(UsageError, match="--phase prepare first"):
-        stages.train(phase["run"], log=lambda _: None)
-    assert stages.train(phase["prepare"], log=lambda _: None) == 0
-    assert stages.train(phase["prepare"], log=lambda _: None) == 0  # a rerun finds it prepared, keeps it
+        stage.train(phase["run"], log=lambda _: None)
+    assert stage.train(phase["prepare"], log=lambda _: None) == 0
+    assert stage.train(phase["prepare"], log=lambda _: None) == 0  # a rerun finds it prepared, keeps it
     with pytest.raises(UsageError, match="--phase run first"):
-        stages.train(phase["export"], log=lambda _: None)
-    assert stages.train(phase["run"], log=lambda _: None) == 0
+        stage.train(phase["export"], log=lambda _: None)
+    assert stage.train(phase["run"], log=lambda _: None) == 0
     assert not (tmp_path / "out" / "train.json").exists()
-    assert stages.train(phase["export"], log=lambda _: None) == 0
+    assert stage.train(phase["export"], log=lambda _: None) == 0
     report = json.loads((tmp_path / "out" / "train.json").read_text())
     # the whole command (phase all) then finds the same inputs trained
-    assert stages.train(options, log=lambda _: None) == 0
+    assert stage.train(options, log=lambda _: None) == 0
     assert json.loads((tmp_path / "out" / "train.json").read_text()) == report
     assert report["engine"] == "maxtext" and report["options"]["engine"] == "maxtext"
 

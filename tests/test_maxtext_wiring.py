@@ -8,8 +8,8 @@ import importlib.util
 
 import pytest
 
-from methods.errors import UsageError
-from repro import cli, stages
+from methods.core.errors import UsageError
+from repro import cli, eval_stage
 from training.options import parse_options
 
 HAS_MAXTEXT = importlib.util.find_spec("maxtext") is not None
@@ -45,14 +45,14 @@ def test_without_maxtext_both_are_refused_in_one_line(tmp_path, capsys):
     code, err = _run(capsys, BASE + ["--kind", "cpt", "--engine", "maxtext", "--out", str(tmp_path / "o")])
     assert code == 2 and len(err.splitlines()) == 1 and "MaxText is not installed" in err
     with pytest.raises(UsageError, match="MaxText is not installed"):
-        stages.EVAL_BACKENDS["maxtext"](str(tmp_path), dtype="float32")
+        eval_stage.EVAL_BACKENDS["maxtext"](str(tmp_path), dtype="float32")
 
 
 def test_eval_backend_refuses_a_directory_that_is_not_maxtext(tmp_path):
     if not HAS_MAXTEXT:
         pytest.skip("needs MaxText (else the missing install is what is refused)")
     with pytest.raises(UsageError, match="not a MaxText directory"):
-        stages.EVAL_BACKENDS["maxtext"](str(tmp_path), dtype="float32")
+        eval_stage.EVAL_BACKENDS["maxtext"](str(tmp_path), dtype="float32")
 
 
 def test_tpu_and_phase_are_maxtext_settings_checked_against_jobmans_table():

@@ -6,7 +6,7 @@ import torch
 
 import methods
 from methods.calibration import capture_layer_inputs, sequential_layers
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from tests.conftest import tiny_llama
 
 

@@ -128,7 +128,7 @@ def saved_gqa(tmp_path):
 def test_prune_save_reload_and_generate(saved_gqa, capsys, hidden, ffn, heads):
     from transformers import AutoModelForCausalLM
 
-    from repro.models import load_model
+    from methods.core.models import load_model
 
     out = saved_gqa / "pruned"
     extra = ["--option", f"num_heads={heads}"] if heads else []
@@ -144,7 +144,7 @@ def test_prune_save_reload_and_generate(saved_gqa, capsys, hidden, ffn, heads):
     ids = _calib(rows=1, length=12, seed=7)
     want = _logits(in_memory, ids)
     # No tokenizer was saved (tiny model); transformers 4.43 raises KeyError looking for one of an
-    # LpcLlama checkpoint, which repro.models does not catch yet.
+    # LpcLlama checkpoint, which methods.core.models does not catch yet.
     reloaded, _ = load_model(str(out), load_tokenizer=False)
     remote = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     for model in (reloaded, remote):
@@ -159,7 +159,7 @@ def test_prune_save_reload_and_generate(saved_gqa, capsys, hidden, ffn, heads):
 def test_a_hidden_size_that_is_no_multiple_of_the_heads(tmp_path):
     """The method has no such limit; saving needs the per-layer config to accept it."""
     from methods.modeling_lpc_llama import LpcLlamaConfig
-    from repro.models import load_model, save_checkpoint
+    from methods.core.models import load_model, save_checkpoint
 
     # Both supported transformers lines (4.43, 5.x) take an explicit head_dim that does not divide
     # the hidden size.
@@ -236,7 +236,7 @@ def results(tmp_path_factory):
     """A results folder holding the stored dense smoke result: its fingerprint still has to match
     this recipe and table, and the dense gate re-checks it; only the pruned rows are measured anew."""
     pytest.importorskip("lm_eval")  # the smoke table scores lpc_smoke_mc
-    from repro.smoke_model import smoke_model_dir
+    from methods.core.smoke_model import smoke_model_dir
 
     smoke_model_dir()
     root = tmp_path_factory.mktemp("smoke-results")

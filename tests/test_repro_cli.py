@@ -219,7 +219,7 @@ def test_prune_has_a_flag_for_every_declared_option(capsys):
 def test_flag_help_names_each_method_with_its_declaration():
     import methods
     from methods.options import declared
-    from repro.cli import _flag_help
+    from repro.flags import _flag_help
 
     uses = [(m, declared(methods.get(m).options_type)["remove_layers"]) for m in ("shortgpt", "shortened")]
     text = _flag_help(uses)
@@ -250,10 +250,11 @@ def test_flag_help_names_each_method_with_its_declaration():
 ])
 def test_command_line_values_keep_their_types(argv, expected):
     import methods
-    from repro.cli import _method_options, build_parser
+    from repro.cli import build_parser
+    from repro.flags import method_options
 
     args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", *argv])
-    got = _method_options(args, methods.get(args.method))
+    got = method_options(args, methods.get(args.method))
     assert got == expected and all(type(got[k]) is type(v) for k, v in expected.items()), got
 
 

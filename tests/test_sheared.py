@@ -15,7 +15,7 @@ import torch
 
 import methods
 from methods import sheared
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro.cli import main
 from tests.conftest import kill_lpc_at, lpc, tiny_llama
 from training import data as train_data
@@ -487,8 +487,8 @@ def write_pipeline(tmp_path: Path, workspace: Path) -> Path:
 
 
 def test_recipe_rows_shear_then_continue_pretraining_then_evaluate(workspace, tmp_path, capsys):
+    from repro.chain import check_chain
     from repro.recipe import load_recipe
-    from repro import stages
 
     recipe_path = write_pipeline(tmp_path, workspace)
     results = tmp_path / "results"
@@ -513,7 +513,7 @@ def test_recipe_rows_shear_then_continue_pretraining_then_evaluate(workspace, tm
     # lpc eval's chain check reads the shear folder as the row's prune stage (prune.json, no train.json).
     recipe = load_recipe("sheared", "golden", recipe_path)
     trained = results / "golden" / "sheared" / "stages" / "shear-cpt" / "trained"
-    chain = stages.check_chain(recipe, "shear-cpt", str(trained))
+    chain = check_chain(recipe, "shear-cpt", str(trained))
     assert chain["prune"]["method"] == "sheared" and chain["train"]["options"]["kind"] == "cpt"
 
 
@@ -537,19 +537,20 @@ def test_a_pruning_run_names_a_spec_of_the_methods_kind(workspace, tmp_path):
 
 
 def test_a_submitted_prune_job_asks_for_the_rows_own_shearing_run(workspace, tmp_path, monkeypatch):
-    """`lpc repro --submit` runs a row's prune stage as an `lpc prune` job: that command must ask for
-    the very run (same fingerprint) the pipeline and `lpc eval` expect of the row."""
-    from repro import stages, submit
+    """`lpc repro --submit` runs a row's prune stage as an `lpc prune --request FILE` job: the file must
+    hold the very request (same fingerprint, same training run) the pipeline and `lpc eval` expect."""
+    from repro import prune_stage
     from repro.recipe import load_recipe
+    from repro.requests import write_request
 
     recipe = load_recipe("sheared", "golden", write_pipeline(tmp_path, workspace))
     request = recipe.prune_request("shear-cpt", out=tmp_path / "pruned")
-    command = submit._prune_command(request)
     asked = []
-    monkeypatch.setattr(stages, "prune", lambda r, **_: asked.append(r))
-    assert main(command) == 0
-    assert stages.prune_fingerprint(asked[0]) == stages.prune_fingerprint(request)
-    assert stages.pruning_run_options(asked[0]) == stages.pruning_run_options(request)
+    monkeypatch.setattr(prune_stage, "prune", lambda r, **_: asked.append(r))
+    assert main(["prune", "--request", str(write_request(request, tmp_path / "prune.request.json"))]) == 0
+    assert asked == [request]
+    assert prune_stage.prune_fingerprint(asked[0]) == prune_stage.prune_fingerprint(request)
+    assert asked[0].pruning_run() == request.pruning_run()
 
 
 def test_activation_checkpointing_recomputes_the_same_masked_forward(workspace, tmp_path):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 
 from repro.cli import main
-from repro.results import read_json
+from methods.core.results import read_json
 
 
 @pytest.mark.slow
 def test_the_smoke_profile_shears_continues_and_passes_its_table(tmp_path, capsys):
-    from repro.smoke_model import smoke_model_dir
+    from methods.core.smoke_model import smoke_model_dir
 
     smoke_model_dir()
     code = main(["repro", "sheared", "--profile", "smoke", "--results-dir", str(tmp_path)])

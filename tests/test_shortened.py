@@ -19,7 +19,7 @@ import methods
 from methods import shortened, surgery
 from methods.scoring import perplexity
 from repro.cli import main
-from repro.models import dtype_kwarg, load_model
+from methods.core.models import dtype_kwarg, load_model
 from tests.conftest import golden_path, tiny_llama
 
 # Nota-NetsPresso/shortened-llm @ 4031a92, output_block_sensitivity/<model>/<criterion>_n10/block_order.csv
@@ -298,7 +298,7 @@ def test_plus_heuristic_off_allows_all_but_one_layer(tmp_path, calib):
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory):
     pytest.importorskip("lm_eval")  # the smoke table scores a task; .venv-tf443 has no lm-eval
-    from repro.smoke_model import smoke_model_dir
+    from methods.core.smoke_model import smoke_model_dir
 
     smoke_model_dir()
     return tmp_path_factory.mktemp("shortened-smoke")

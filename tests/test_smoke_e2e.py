@@ -16,7 +16,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from repro.smoke_model import smoke_model_dir
+    from methods.core.smoke_model import smoke_model_dir
 
     smoke_model_dir()  # converts on first use; raises if `make setup` did not install the package
     return tmp_path_factory.mktemp("smoke-results")
@@ -33,7 +33,7 @@ def test_one_row_per_method_matches_its_smoke_reference(results, method, capsys)
 def test_sparse_retraining_row_matches_its_reference(results, capsys):
     """The training stage in the fast tier: Wanda 2:4, then sparse retraining (a few minutes on 2 cores),
     then evaluation; the 2:4 pattern is intact (nm_2of4 = 1.0 exactly) and the reference holds."""
-    from repro.results import read_json
+    from methods.core.results import read_json
 
     code = main(["repro", "wanda", "--profile", "smoke", "--rows", "dense,2of4-sparse", "--results-dir", str(results)])
     out = capsys.readouterr().out
@@ -48,7 +48,7 @@ def test_a_few_shearing_steps_match_their_smoke_reference(results, capsys):
     """Sheared LLaMA's recomputed row: 6 steps of the smoke shearing run (gates, Lagrangian, dynamic
     loading, fold and removal), then evaluation. The random-units control exercises none of that, and
     the 60-step run is chaotic (README, "Results across machines"); its first steps are not."""
-    from repro.results import read_json
+    from methods.core.results import read_json
 
     code = main(["repro", "sheared", "--profile", "smoke", "--rows", "dense,shear-short", "--results-dir", str(results)])
     assert code == 0, capsys.readouterr().out

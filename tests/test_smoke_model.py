@@ -1,4 +1,4 @@
-"""repro.smoke_model: the shipped GGUF becomes a plain Llama checkpoint that reloads to the same logits."""
+"""methods.core.smoke_model: the shipped GGUF becomes a plain Llama checkpoint that reloads to the same logits."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro import smoke_model
 
 HAVE_PACKAGE = importlib.util.find_spec(smoke_model.PACKAGE) is not None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import methods
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from methods.sparsity import (Hessian, InputSquaredNorm, SparsityPattern, magnitude_mask, nm_mask,
                               sparsegpt_prune, wanda_mask)
 

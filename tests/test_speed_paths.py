@@ -8,9 +8,9 @@ import torch
 
 import methods
 from methods import scoring
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro import bench, data
-from repro.models import load_model
+from methods.core.models import load_model
 from repro.recipe import load_recipe
 from tests.conftest import tiny_llama
 

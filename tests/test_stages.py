@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from repro.cli import main
+from repro.requests import read_request
 from tests.conftest import REPO, golden_path, kill_lpc_at, lpc_env
 from tests.jobman.conftest import kill_leftover_jobs
 
@@ -112,7 +113,9 @@ def test_lpc_eval_writes_what_the_pipeline_wrote(tmp_path, capsys):
     # A trained checkpoint keeps the record of the prune it came from, when the pruned one is gone.
     import shutil
 
-    shutil.rmtree(stages / "2of4-sparse" / "pruned")
+    trained_from = json.loads((stages / "2of4-sparse" / "trained" / "train.json").read_text())["options"]["model"]
+    assert trained_from == str(stages / "2of4" / "pruned")     # the rows prune alike: one prune, shared
+    shutil.rmtree(trained_from)
     third = tmp_path / "third"
     assert main(["eval", "--model", str(stages / "2of4-sparse" / "trained"), "--method", "magnitude", "--profile",
                  "golden", "--row", "2of4-sparse", "--recipe", str(recipe), "--results-dir", str(third)]) == 0
@@ -192,7 +195,7 @@ BAD_RECIPES = [  # (edit of the golden recipe's profile, the one line it gives)
 
 @pytest.mark.parametrize("change,message", BAD_RECIPES, ids=[m for _, m in BAD_RECIPES])
 def test_a_bad_training_block_is_one_line(tmp_path, change, message):
-    from methods.errors import UsageError
+    from methods.core.errors import UsageError
     from repro.recipe import load_recipe
 
     path = write_recipe(tmp_path)
@@ -282,12 +285,13 @@ def test_submit_local_runs_the_chain_through_jobman(tmp_path, jobman_home, capsy
     results = tmp_path / "results"
     assert main(repro_args(recipe, results, "--submit", "local")) == 0
     out = capsys.readouterr().out
-    assert "7 jobs submitted to local" in out
+    assert "6 jobs submitted to local" in out and "2of4-sparse: the same prune as 2of4, shared" in out
     queue = subprocess.run([sys.executable, "-m", "jobman", "queue", "--all", "--json"], capture_output=True,
                            text=True, env=os.environ, timeout=120)
     names = [job["name"] for job in json.loads(queue.stdout)]
-    assert names == [f"lpc-magnitude-{n}" for n in ("dense-eval", "2of4-prune", "2of4-eval", "2of4-sparse-prune",
-                                                     "2of4-sparse-train", "2of4-sparse-eval", "diff")], queue.stderr
+    # The two rows prune alike: one prune job, which the sparse row's training waits for.
+    assert names == [f"lpc-magnitude-{n}" for n in ("dense-eval", "2of4-prune", "2of4-eval", "2of4-sparse-train",
+                                                     "2of4-sparse-eval", "diff")], queue.stderr
     assert _wait_all(jobman_home) == 0
     assert set(_states(jobman_home).values()) == {"COMPLETED"}
     assert result(results, "2of4-sparse")["metrics"]["pattern"] == 1.0
@@ -295,7 +299,7 @@ def test_submit_local_runs_the_chain_through_jobman(tmp_path, jobman_home, capsy
     script = (jobman_home / "jobs").glob("*/script")
     texts = [p.read_text() for p in script]
     train = next(t for t in texts if "-train" in t.splitlines()[1])
-    assert "torch.distributed.run --standalone --nnodes 1 --nproc-per-node 1 -m repro.cli train" in train
+    assert "torch.distributed.run --standalone --nnodes 1 --nproc-per-node 1 -m training.stage --request" in train
     # The token goes by name: jobman reads it where the job runs; no script, log or database holds it.
     shown = json.loads(subprocess.run([sys.executable, "-m", "jobman", "show", "1", "--json"], capture_output=True,
                                       text=True, env=os.environ, timeout=120).stdout)
@@ -332,7 +336,7 @@ def test_submit_tpu_runs_maxtext_on_every_host_of_the_slice_between_one_host_job
     recipe = load_recipe("magnitude", "golden", path)
     table = load_profile("magnitude", "golden", recipe.table)
     work = (tmp_path / "work").resolve()
-    jobs = submit.plan(recipe, table, ["dense", "2of4-sparse"], results_root=tmp_path / "results", work=work,
+    jobs = submit.plan_jobs(recipe, table, ["dense", "2of4-sparse"], results_root=tmp_path / "results", work=work,
                        gpus=None, nodes=1, dense_gate=True, tpu="v4-32", log=lambda _: None)
     names = [j.name for j in jobs]
     assert names == ["lpc-magnitude-dense-eval", "lpc-magnitude-2of4-sparse-prune",
@@ -342,22 +346,23 @@ def test_submit_tpu_runs_maxtext_on_every_host_of_the_slice_between_one_host_job
     assert [j.accelerator for j in (prepare, run, export)] == [None, "v4-32", None]
     assert prepare.after == [jobs[1]] and run.after == [prepare] and export.after == [run] and jobs[5].after == [export]
     for job, phase in ((prepare, "prepare"), (run, "run"), (export, "export")):
-        command = job.command
-        assert command[0] == "train" and command[command.index("--phase") + 1] == phase
-        assert command[command.index("--engine") + 1] == "maxtext" and job.torchrun is None
-        assert ("--tpu" in command) == (phase == "run")
+        assert job.command[:3] == ["-m", "training.stage", "--request"] and job.torchrun is None
+        options = read_request(Path(job.command[3]), "train")
+        assert options.phase == phase and options.engine == "maxtext"
+        assert (options.tpu == "v4-32") == (phase == "run")
     text = submit.script(run, ["python3"], "test")
-    assert "torch.distributed.run" not in text and "--tpu v4-32" in text
+    assert "torch.distributed.run" not in text and "-m training.stage --request" in text
     spec = JobSpec(argv=["run.sh"], script=text, script_name="run.sh", name=run.name, backend="skypilot",
                    accelerator=run.accelerator, nodes=run.nodes, env={"LPC_DCLM_ARRAY_RECORD": "gs://b/*"})
     config = task_config(spec, job_id=7)
     assert config["resources"]["accelerators"] == "tpu-v4-32" and config["num_nodes"] == 1
     assert config["envs"]["LPC_DCLM_ARRAY_RECORD"] == "gs://b/*"
     # without --tpu (a single machine), the same row is one job of all three phases
-    local = submit.plan(recipe, table, ["2of4-sparse"], results_root=tmp_path / "results", work=work, gpus=None,
+    local = submit.plan_jobs(recipe, table, ["2of4-sparse"], results_root=tmp_path / "results", work=work, gpus=None,
                         nodes=1, dense_gate=True, log=lambda _: None)
     single = next(j for j in local if j.name.endswith("-train"))
-    assert "--phase" not in single.command and single.torchrun is None and single.accelerator is None
+    assert read_request(Path(single.command[3]), "train").phase == "all"
+    assert single.torchrun is None and single.accelerator is None
 
 
 @pytest.mark.parametrize("extra, env, message", [
@@ -420,7 +425,7 @@ def test_submit_plans_only_the_stages_not_done(tmp_path, capsys):
     recipe = load_recipe("magnitude", "golden", path)
     table = load_profile("magnitude", "golden", recipe.table)
     work = results / "golden" / "magnitude" / "stages"
-    jobs = submit.plan(recipe, table, ["dense", "2of4-sparse"], results_root=results, work=work.resolve(),
+    jobs = submit.plan_jobs(recipe, table, ["dense", "2of4-sparse"], results_root=results, work=work.resolve(),
                        gpus="A100:1", nodes=2, dense_gate=True, log=lambda _: None)
     assert [j.name for j in jobs] == ["lpc-magnitude-2of4-sparse-train", "lpc-magnitude-2of4-sparse-eval",
                                       "lpc-magnitude-diff"]
@@ -429,9 +434,10 @@ def test_submit_plans_only_the_stages_not_done(tmp_path, capsys):
     train = jobs[0]
     assert train.accelerator == "A100:1" and train.nodes == 2 and train.torchrun == (2, 1)
     text = submit.script(train, ["python3"], "test")
-    assert "--nnodes 2 --rdzv-backend c10d" in text and "--nproc-per-node 1 -m repro.cli train" in text
-    assert "--steps 3" in text and "--nproc" not in text.replace("--nproc-per-node", "")
+    assert "--nnodes 2 --rdzv-backend c10d" in text and "--nproc-per-node 1 -m training.stage --request" in text
+    options = read_request(Path(train.command[3]), "train")
+    assert options.steps == 3 and options.nproc == 1     # torchrun sets the world size
     assert jobs[1].after == [train] and jobs[2].kind == "afterany" and jobs[2].after == [jobs[1]]
     with pytest.raises(Exception, match="not divisible by micro batch 2 x 6 processes"):
-        submit.plan(recipe, table, ["2of4-sparse"], results_root=results, work=work.resolve(), gpus="3",
+        submit.plan_jobs(recipe, table, ["2of4-sparse"], results_root=results, work=work.resolve(), gpus="3",
                     nodes=2, dense_gate=True, log=lambda _: None)

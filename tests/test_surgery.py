@@ -10,9 +10,9 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from methods import surgery
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from methods.modeling_lpc_llama import LpcLlamaForCausalLM
-from repro.models import dtype_kwarg, load_model, save_checkpoint
+from methods.core.models import dtype_kwarg, load_model, save_checkpoint
 from tests.conftest import golden_path, tiny_llama
 
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from methods import REGISTRY
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from repro.recipe import RECIPES, load_recipe
 from repro.tables import TABLES, available_methods, load_profile
 from repro.tolerance import accuracy_band, band

@@ -1,11 +1,14 @@
-"""Training after pruning: one stage, `lpc train --kind cpt|kd|sparse|lora` (repro/stages.py runs it).
+"""Training after pruning, a layer of its own: `lpc train` is `training.stage.train`, and nothing here
+imports the reproduction layer above it (repro/).
 
-* `cpt`, `kd`, `sparse`: continued pre-training, logit distillation and sparse retraining of a Hugging
-  Face checkpoint with PyTorch FSDP2 under torchrun (training/engine.py), stateful data
-  (training/data.py), resumable sharded checkpoints (training/checkpoint.py), options declared once
-  (training/options.py).
-* `lora`: LoRA fine-tuning with peft, merged back into the weights (training/lora.py), so the trained
-  checkpoint saves and evaluates like any other.
+    options.py     TrainOptions: what a stage is asked (the common fields; each kind checks its own)
+    kinds/         cpt, kd, sparse, lora, sheared: one file each, a registry like the methods'
+    sources.py     what --data reads; data.py: the stateful streams of global batches
+    engine.py      the loop: FSDP2 under torchrun, the kind's hooks
+    checkpoint.py  resumable sharded states and the final Hugging Face export
+    lora.py        LoRA's own loop (peft), merged back into the weights
+    stage.py       the stage: validate, prepare OUT, relaunch under torchrun, train, write train.json
+    maxtext/       the TPU engine: MaxText's trainer and converters
 
 A recipe row asks for a stage with `train: <spec>`, naming one of its profile's `training:` specs.
 """

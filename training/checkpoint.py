@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".export"

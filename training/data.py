@@ -38,14 +38,15 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from methods.errors import UsageError
+from methods.core.batching import accumulation_steps
+from methods.core.errors import UsageError
+from methods.core.text import read_token_file
 
 ARROW_FILE = re.compile(r"^rank_(\d+)\.arrow$")
 UPDATE_RULES = ("doremi", "bandit", "constant")
 # Mixed into the updated proportions so that no domain's weight reaches 0 (DoReMi's smoothing).
 SMOOTHING = 1e-4
 # Raw .bin token files are flat little-endian uint32 ids (Llama-3's 128k vocabulary needs > 16 bits).
-BIN_DTYPE = np.dtype("<u4")
 
 
 def pack_documents(documents: Iterable[Sequence[int]], *, bos: Optional[int], eos: Optional[int],
@@ -106,51 +107,21 @@ class Windows:
 
     @classmethod
     def from_file(cls, path, seqlen: int) -> "Windows":
-        """A token file: [N, seqlen] .pt/.npy, a flat 1-D .npy, or a flat uint32 .bin."""
-        path = Path(os.path.expanduser(str(path)))
-        if not path.is_file():
-            raise UsageError(f"token file not found: {path}")
-        if path.suffix == ".bin":
-            size = path.stat().st_size
-            if size % BIN_DTYPE.itemsize:
-                raise UsageError(f"{path} is {size} bytes, not a whole number of uint32 token ids")
-            return cls(np.memmap(path, dtype=BIN_DTYPE, mode="r"), seqlen, origin=str(path))
-        if path.suffix == ".npy":
-            try:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
-            except Exception as exc:  # a malformed file is the user's, not a bug of ours
-                raise UsageError(f"cannot load token file {path}: {type(exc).__name__}") from None
-            if array.dtype.kind not in "iu":
-                raise UsageError(f"token file {path} must hold integer ids, not dtype {array.dtype}")
-            if array.ndim not in (1, 2):
-                raise UsageError(f"token file {path} must be [N, seqlen] or a flat stream, got shape {list(array.shape)}")
-            if array.ndim == 2 and array.shape[1] != seqlen:
-                raise UsageError(f"token file {path} has windows of {array.shape[1]} tokens, but --seqlen is {seqlen}")
-            return cls(array, seqlen, origin=str(path))
-        if path.suffix == ".pt":
-            try:
-                tensor = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise UsageError(f"cannot load token file {path}: {type(exc).__name__}") from None
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or tensor.dtype.is_floating_point:
-                raise UsageError(f"token file {path} must hold one integer tensor [N, seqlen]")
-            if tensor.shape[1] != seqlen:
-                raise UsageError(f"token file {path} has windows of {tensor.shape[1]} tokens, but --seqlen is {seqlen}")
-            return cls(tensor.long(), seqlen, origin=str(path))
-        raise UsageError(f"token files end in .pt, .npy or .bin: {path}")
+        """A token file (methods/core/text.py): [N, seqlen] .pt/.npy, a flat 1-D .npy, or a flat uint32 .bin."""
+        array = read_token_file(path, flat=True)
+        if array.ndim == 2 and array.shape[1] != seqlen:
+            raise UsageError(f"token file {path} has windows of {array.shape[1]} tokens, but --seqlen is {seqlen}")
+        return cls(array.long() if isinstance(array, torch.Tensor) else array, seqlen, origin=str(path))
 
 
 class Layout:
     """How one optimizer step's global batch is split: world x accumulation x micro_batch."""
 
     def __init__(self, global_batch: int, micro_batch: int, world: int):
-        if global_batch % (micro_batch * world):
-            raise UsageError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} "
-                             f"x {world} process(es)")
+        self.accumulation = accumulation_steps(global_batch, micro_batch, world)
         self.global_batch = global_batch
         self.micro_batch = micro_batch
         self.world = world
-        self.accumulation = global_batch // (micro_batch * world)
 
 
 class GlobalStream:

@@ -42,21 +42,18 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Dict, Iterator, List, Literal, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
-from methods.errors import UsageError
-from methods.options import declared, method_options, one_line
+from methods.core.errors import UsageError
+from methods.core.text import SMOKE_INSTRUCTIONS
+from training.kinds.lora import LoraRecipe
 
 ALPACA_HUB = "yahma/alpaca-cleaned"
 ALPACA_NAMES = ("alpaca-cleaned", ALPACA_HUB)
-# Offline instruction data for the smoke profile (repro/assets/recovery/README): `data: smoke`.
-SMOKE_INSTRUCTIONS = Path(__file__).resolve().parents[1] / "repro" / "assets" / "recovery" / "smoke_instructions.jsonl"
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
 IGNORE = -100
 PAD_MULTIPLE = 8
 
@@ -66,64 +63,6 @@ PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an i
                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-@method_options
-class LoraRecipe:
-    """A LoRA train spec's fields (`lpc train --kind lora`); defaults are the paper's command line."""
-
-    data: Annotated[str, Field(min_length=1, description="'alpaca-cleaned', 'smoke' or a JSONL file")] = \
-        "alpaca-cleaned"
-    r: Annotated[int, Field(ge=1, description="LoRA rank")] = 8
-    alpha: Annotated[int, Field(ge=1, description="LoRA alpha (the update is scaled by alpha / r)")] = 16
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    targets: Annotated[Tuple[Annotated[str, Field(min_length=1)], ...],
-                       Field(min_length=1, description="Linear module names that get adapters")] = TARGETS
-    cutoff_len: Annotated[int, Field(ge=1)] = 256
-    micro_batch_size: Annotated[int, Field(ge=1)] = 4
-    batch_size: Annotated[int, Field(ge=1)] = 64
-    epochs: Annotated[int, Field(ge=1)] = 2
-    lr: Annotated[float, Field(gt=0)] = 1e-4
-    warmup_steps: Annotated[int, Field(ge=0)] = 100
-    val_set_size: Annotated[int, Field(ge=0)] = 2000
-    split_seed: Annotated[int, Field(ge=0)] = 42
-    eval_steps: Annotated[int, Field(ge=1)] = 100
-    select_best: bool = False
-    max_steps: Optional[Annotated[int, Field(ge=1)]] = None
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    train_on_inputs: bool = False
-    add_eos_token: bool = False
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    pad_token_id: Annotated[int, Field(ge=0)] = 0
-
-    @model_validator(mode="after")
-    def _whole_steps(self) -> "LoraRecipe":
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
-                             f"{self.micro_batch_size}")
-        return self
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> "LoraRecipe":
-        """The recipe from a mapping (YAML or --option values), or one UsageError line."""
-        fields = declared(cls)
-        unknown = sorted(set(spec) - set(fields))
-        if unknown:
-            raise UsageError(f"lora recovery takes no option {', '.join(unknown)}; known: {', '.join(fields)}")
-        values = dict(spec)
-        targets = values.get("targets")
-        if isinstance(targets, str):
-            values["targets"] = tuple(t for t in targets.split(",") if t)
-        elif isinstance(targets, list):
-            values["targets"] = tuple(targets)
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            raise UsageError(f"lora: {one_line(exc, fields)}") from None
-
-    @property
-    def accumulation(self) -> int:
-        return self.batch_size // self.micro_batch_size
 
 
 # ----------------------------------------------------------------------------- data

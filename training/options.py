@@ -4,7 +4,7 @@ Defaults are the collection's continued pre-training settings (FMS-FSDP and MaxT
 betas (0.9, 0.95), eps 1e-8, weight decay 0.1, gradient norm clipped at 1.0, warm-up over 5% of the
 steps capped at 2000, cosine down to 10% of the peak learning rate.
 
-Dynamic batch loading (any kind but lora; training/data.py `DomainStream`): `--domains` names the
+Dynamic batch loading (the kinds that allow it; training/data.py `DomainStream`): `--domains` names the
 domains, entries of the --data folder, with their initial proportions; every `--update-interval`
 steps each domain's loss on held-out windows moves the proportions toward the domains furthest
 above their `--reference-loss`.
@@ -15,12 +15,11 @@ from typing import Any, Dict, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from methods.errors import UsageError
+from methods.core.batching import accumulation_steps
+from methods.core.errors import UsageError
 from methods.options import one_line
+from training.kinds import KINDS
 
-KINDS = ("cpt", "kd", "sparse", "lora", "sheared")
-# Kinds whose own settings come as --option KEY=VALUE: LoRA's recipe fields, Sheared LLaMA's method options.
-KINDS_WITH_SETTINGS = ("lora", "sheared")
 # How far from 1 a sum of proportions may be (published proportions are rounded to 4 decimals).
 PROPORTION_TOLERANCE = 1e-6
 
@@ -29,11 +28,7 @@ class TrainOptions(BaseModel):
     model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
 
     model: str = Field(description="the checkpoint to train: a directory, a hub id, or 'smoke'")
-    kind: Literal["cpt", "kd", "sparse", "lora", "sheared"] = Field(
-        description="cpt: next-token cross-entropy; kd: distillation from --teacher; "
-                    "sparse: cross-entropy keeping the pruned zeros at zero; lora: LoRA recovery; "
-                    "sheared: learn Sheared LLaMA's gates toward --option target_shape=..., then prune "
-                    "(the output is the pruned model)")
+    kind: Literal[tuple(KINDS)] = Field(description="; ".join(f"{k.name}: {k.description}" for k in KINDS.values()))
     data: str = Field(description="token file, local text, 'smoke', an FMS arrow folder, or a hub name")
     steps: Optional[int] = Field(None, ge=1, description="optimizer steps (lora: default, the recipe's epochs)")
     global_batch: int = Field(ge=1, description="sequences per optimizer step, over all processes")
@@ -94,26 +89,19 @@ class TrainOptions(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainOptions":
-        self._check_maxtext()  # first: the rest checks settings of kinds MaxText does not train
-        if self.kind != "lora" and self.steps is None:
+        kind = KINDS[self.kind]
+        self._check_maxtext(kind)  # first: the rest checks settings of kinds MaxText does not train
+        if kind.needs_steps and self.steps is None:
             raise ValueError(f"kind {self.kind} needs --steps")
-        if self.kind not in KINDS_WITH_SETTINGS and self.recipe:
-            raise ValueError(f"--option settings are LoRA recipe fields or Sheared LLaMA options; "
-                             f"kind {self.kind} takes none")
-        if self.kind == "sheared":
-            import methods
-
-            methods.make_options(methods.get("sheared"), self.recipe)  # raises one UsageError line
-        self._check_domains()
-        if self.kind == "kd" and not self.teacher:
-            raise ValueError("kind kd needs --teacher")
-        if self.kind != "kd" and self.teacher:
-            raise ValueError(f"--teacher is only used by kind kd, not {self.kind}")
-        if self.global_batch % self.micro_batch:
-            raise ValueError(f"global batch {self.global_batch} is not divisible by micro batch {self.micro_batch}")
+        kind.check_options(self)
+        self._check_domains(kind)
+        if self.teacher and not kind.takes_teacher:
+            teachers = ", ".join(k.name for k in KINDS.values() if k.takes_teacher)
+            raise ValueError(f"--teacher is only used by kind {teachers}, not {self.kind}")
+        accumulation_steps(self.global_batch, self.micro_batch)
         return self
 
-    def _check_maxtext(self) -> None:
+    def _check_maxtext(self, kind) -> None:
         if self.engine != "maxtext":
             given = "--tpu" if self.tpu is not None else "--phase" if self.phase != "all" else None
             if given:
@@ -122,8 +110,9 @@ class TrainOptions(BaseModel):
         if self.tpu is not None:
             tpu_slice(self.tpu)
         # What MaxText 0.2.5's pre-training trainer can express; the rest is the kit's own PyTorch engine.
-        if self.kind != "cpt":
-            raise ValueError(f"--engine maxtext trains kind cpt only, not {self.kind}; use --engine hf")
+        if "maxtext" not in kind.engines:
+            trained = ", ".join(k.name for k in KINDS.values() if "maxtext" in k.engines)
+            raise ValueError(f"--engine maxtext trains kind {trained} only, not {self.kind}; use --engine hf")
         if self.nproc != 1:
             raise ValueError("--engine maxtext runs one process per host (MaxText shards over its devices); "
                              "drop --nproc")
@@ -131,7 +120,7 @@ class TrainOptions(BaseModel):
             raise ValueError("--engine maxtext reads one token file; dynamic batch loading (--domains) needs "
                              "--engine hf")
 
-    def _check_domains(self) -> None:
+    def _check_domains(self, kind) -> None:
         dynamic = ("reference_loss", "eval_data") if self.domains is None else ()
         given = [name for name in dynamic if getattr(self, name) is not None]
         if self.domains is None and self.update_interval:
@@ -140,9 +129,9 @@ class TrainOptions(BaseModel):
             raise ValueError(f"--{given[0].replace('_', '-')} is a dynamic batch loading setting; it needs --domains")
         if self.domains is None:
             return
-        if self.kind == "lora":
-            raise ValueError("kind lora trains on instruction data; dynamic batch loading (--domains) needs "
-                             "another kind")
+        if not kind.dynamic_loading:
+            raise ValueError(f"kind {self.kind} trains on instruction data; dynamic batch loading (--domains) "
+                             "needs another kind")
         if not self.domains:
             raise ValueError("--domains must name at least one domain")
         negative = [name for name, p in self.domains.items() if p < 0]

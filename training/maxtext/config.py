@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from methods.errors import UsageError
+from methods.core.batching import accumulation_steps
+from methods.core.errors import UsageError
 
 # MaxText's LLaMARotaryEmbedding applies exactly these (scale 8, low/high frequency factors 1 and 4,
 # original context 8192); a Hugging Face config asking for other values would compute another function.
@@ -154,10 +155,7 @@ def training_overrides(*, steps: int, global_batch: int, micro_batch: int, seqle
     not the collection's patched one (quadratic warm-up, cosine measured from step 0, lr = min of
     the two); the difference is documented in the README's TPU section; no fork patches it.
     """
-    if global_batch % (micro_batch * devices):
-        raise UsageError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} "
-                         f"x {devices} devices")
-    accumulation = global_batch // (micro_batch * devices)
+    accumulation = accumulation_steps(global_batch, micro_batch, devices)
     warm = warmup_steps(steps, warmup_fraction, warmup_cap)
     return {
         "steps": steps,

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from training.maxtext import config as mtconfig
 
 MANIFEST = "lpc_maxtext.json"
@@ -212,7 +212,7 @@ def _patch_hf_config_dict(hf_config) -> None:
 
 
 def write_manifest(folder: Path, *, source: str, model: Dict[str, Any], scan_layers: bool) -> Dict[str, Any]:
-    from repro.provenance import provenance
+    from methods.core.provenance import provenance
 
     manifest = {"format": 1, "source": source, "maxtext_model": model, "scan_layers": scan_layers,
                 "checkpoint": f"{CHECKPOINT_SUBDIR}/0/items", **provenance()}

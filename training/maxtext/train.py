@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 from training.maxtext import config as mtconfig
 from training.maxtext import convert
 
@@ -87,16 +87,16 @@ def resolve_data(spec: str) -> str:
 
 def data_files(spec: str, folder: Path, seqlen: int) -> str:
     """MaxText's grain_train_files for `spec`: ArrayRecord files as given, or a token file converted."""
-    from repro import data
+    from methods.core import text
 
     spec = resolve_data(spec)
     if ARRAY_RECORD_SUFFIX in spec or spec.startswith("gs://"):
         return spec  # the collection's DCLM shards (a local glob or a bucket path), used as they are
     path = Path(os.path.expanduser(spec))
-    if path.suffix not in data.TOKEN_FILE_SUFFIXES:
+    if path.suffix not in text.TOKEN_FILE_SUFFIXES:
         raise UsageError(f"--engine maxtext reads ArrayRecord files (*{ARRAY_RECORD_SUFFIX}) or a token file "
-                         f"({', '.join(data.TOKEN_FILE_SUFFIXES)}), not {spec!r}")
-    tokens = np.asarray(data.load_token_file(str(path)))
+                         f"({', '.join(text.TOKEN_FILE_SUFFIXES)}), not {spec!r}")
+    tokens = np.asarray(text.load_token_file(str(path)))
     if tokens.shape[1] < seqlen:
         raise UsageError(f"token file rows have {tokens.shape[1]} tokens, fewer than --seqlen {seqlen}")
     return str(write_array_record(tokens[:, :seqlen], folder / f"train{ARRAY_RECORD_SUFFIX}"))
@@ -172,8 +172,8 @@ def prepare(options, *, fingerprint: str, log: Callable[[str], None] = print) ->
     work = Path(options.out) / "maxtext"
     if prepared_stamp(options.out) == fingerprint:
         return
-    from repro.models import resolve
-    from repro.results import write_json_atomic
+    from methods.core.models import resolve
+    from methods.core.results import write_json_atomic
 
     model_dir = Path(resolve(options.model))
     mtconfig.model_overrides(mtconfig.read_hf_config(model_dir))
@@ -193,7 +193,7 @@ def run(options, *, log: Callable[[str], None] = print, hardware: Optional[str] 
     work = Path(options.out) / "maxtext"
     if not (work / PREPARED).is_file():
         raise UsageError(f"{work} is not prepared: run the same command with --phase prepare first")
-    from repro.results import write_json_atomic
+    from methods.core.results import write_json_atomic
 
     hardware, devices = slice_of(options, hardware, devices)
     files = json.loads((work / PREPARED).read_text())["files"]

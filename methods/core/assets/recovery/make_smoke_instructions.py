@@ -1,7 +1,7 @@
 """Build smoke_instructions.jsonl from the shipped calibration chapters (see README).
 
-Deterministic: run `python repro/assets/recovery/make_smoke_instructions.py` from the repository root
-and the file comes out byte-identical. Only repro/assets/text/calib is read, never eval.txt.
+Deterministic: run `python methods/core/assets/recovery/make_smoke_instructions.py` from the repository root
+and the file comes out byte-identical. Only methods/core/assets/text/calib is read, never eval.txt.
 """
 from __future__ import annotations
 

@@ -8,17 +8,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from methods.errors import UsageError
+from methods.core.errors import UsageError
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON so that a reader, or a crash, never sees a half-written file."""
+def write_json_atomic(path: Path, payload: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON so that a reader, or a crash, never sees a half-written file. `sort_keys=False` keeps
+    the mappings' order where it means something (a request's domains, in the order they are drawn)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(dumps(payload) + "\n")
+            handle.write(dumps(payload, sort_keys=sort_keys) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -33,10 +34,10 @@ _NUMBER = r"(?:-?[0-9][0-9.eE+-]*|null)"
 _NUMBER_ARRAY = re.compile(r"\[\s+(" + _NUMBER + r"(?:,\s+" + _NUMBER + r")*)\s+\]")
 
 
-def dumps(payload: Any) -> str:
+def dumps(payload: Any, *, sort_keys: bool = True) -> str:
     """Indented JSON whose number arrays (kept indices, per-unit scores) stay on one line each, so a
     structured method's result reads as a few hundred lines rather than tens of thousands."""
-    text = json.dumps(payload, indent=2, sort_keys=True, default=_jsonable)
+    text = json.dumps(payload, indent=2, sort_keys=sort_keys, default=_jsonable)
     return _NUMBER_ARRAY.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
 
 

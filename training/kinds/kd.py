@@ -1,0 +1,65 @@
+"""kd: logit distillation from --teacher (Minitron): alpha * T^2 * KL(teacher || student) at temperature T,
+plus (1 - alpha) * cross-entropy. The teacher is loaded beside the student and sharded like it."""
+from __future__ import annotations
+
+from methods.core.errors import UsageError
+from training.kinds.base import Extension, Kind
+
+
+class Distilling(Kind):
+    def check_options(self, options) -> None:
+        super().check_options(options)
+        if not options.teacher:
+            raise ValueError(f"kind {self.name} needs --teacher")
+
+    def check_inputs(self, options, config, model_path: str) -> None:
+        from methods.core.models import checked_path, read_config
+
+        teacher = read_config(checked_path(options.teacher, "--teacher"), "--teacher")
+        if teacher.vocab_size != config.vocab_size:
+            raise UsageError(f"the teacher's vocabulary ({teacher.vocab_size} tokens) is not the student's "
+                             f"({config.vocab_size}): logit distillation needs the same tokenizer")
+
+    def extension(self, model, options, run) -> Extension:
+        from methods.core.models import checked_path, load_model
+
+        teacher, _ = load_model(checked_path(options.teacher, "--teacher"), load_tokenizer=False)
+        teacher.requires_grad_(False)
+        return Teacher(teacher, options.kd_temperature, options.kd_alpha)
+
+
+class Teacher(Extension):
+    def __init__(self, teacher, temperature: float, alpha: float):
+        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+
+    def sharded(self, model, run, shard) -> None:
+        shard(self.teacher, run)
+
+    def loss(self, model, ids):
+        import torch
+
+        logits = model(input_ids=ids, use_cache=False).logits
+        with torch.no_grad():
+            target = self.teacher(input_ids=ids, use_cache=False).logits
+        return kd_loss(logits, target, ids, temperature=self.temperature, alpha=self.alpha)
+
+
+def kd_loss(student, teacher, ids, *, temperature: float, alpha: float):
+    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy, per token.
+
+    Forward KL from the teacher's distribution, as the Minitron paper distils (alpha 1: logits only).
+    """
+    import torch.nn.functional as F
+
+    from training.engine import lm_loss
+
+    s = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
+    loss = alpha * temperature ** 2 * kl
+    if alpha < 1:
+        loss = loss + (1 - alpha) * lm_loss(student, ids)
+    return loss
+
+
+KIND = Distilling("kd", "distillation from --teacher", takes_teacher=True)
