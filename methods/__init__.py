@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from methods import calibration
-from methods.anatomy import check_llama_like, compute_device, overall_sparsity, sparsity_by_module
+from methods.anatomy import check_supported, compute_device, overall_sparsity, sparsity_by_module
 from methods.errors import UsageError
 from methods.options import declared, one_line
 from methods.registry import PLANNED, REGISTRY, Method
@@ -59,7 +59,7 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
 
     method = get(name)
     opts = make_options(method, options)
-    check_llama_like(model)
+    check_supported(model)
     if method.needs_calibration:
         _check_calibration(calib, model)
     calib_batch = calibration.parse_batch(calib_batch)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from methods.anatomy import check_llama_like
+from methods.anatomy import check_supported
 from methods.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -76,7 +76,7 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **dtype_kwarg(DTYPES[dtype]))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load model {path!r}: {_first_line(exc)}") from None
-    check_llama_like(model)
+    check_supported(model)
     model.eval()
     model.config.use_cache = False
     tokenizer = tokenizer_for(path, revision) if load_tokenizer else None
