@@ -59,9 +59,9 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
     """(model, tokenizer or None) on the CPU in `dtype`; methods move layers to the GPU themselves."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from methods.modeling_lpc_llama import register
+    from methods.modeling_lpc import register
 
-    register()  # structurally pruned checkpoints of this kit load without trust_remote_code
+    register()  # structurally pruned checkpoints of this kit (lpc_<arch>) load without trust_remote_code
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     path = checked_path(spec)

@@ -427,10 +427,9 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
     teacher_path = checked_path(options.teacher, "--teacher") if options.teacher else None
     config = _config(model_path, "--model")
     if teacher_path:
-        teacher_vocab = _config(teacher_path, "--teacher").vocab_size
-        if teacher_vocab != config.vocab_size:
-            raise UsageError(f"the teacher's vocabulary ({teacher_vocab} tokens) is not the student's "
-                             f"({config.vocab_size}): logit distillation needs the same tokenizer")
+        from training.engine import check_teacher
+
+        check_teacher(model_path, teacher_path)
     if options.kind == "sheared":
         from methods import sheared
 

@@ -115,10 +115,10 @@ def start_process_group(device: str) -> Run:
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """An HF checkpoint the kit wrote or can read (per-layer-width `lpc_llama` included), on the CPU."""
+    """An HF checkpoint the kit wrote or can read (the per-layer-width `lpc_<arch>` formats included), on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    from methods.modeling_lpc_llama import register
+    from methods.modeling_lpc import register
 
     register()
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype) if _old_transformers() else \
@@ -324,6 +324,45 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, *, 
     if alpha < 1:
         loss = loss + (1 - alpha) * lm_loss(student, ids)
     return loss
+
+
+def check_teacher(student_path: str, teacher_path: str) -> None:
+    """Refuse, in one line, a teacher whose vocabulary is not the student's.
+
+    Logit distillation compares the two distributions token id by token id, so any two architectures
+    may distil into each other as long as the ids mean the same tokens: the same vocabulary size and,
+    where both checkpoints carry a tokenizer, the same token for every id (Llama-2 and Mistral-7B
+    both have 32000 ids, not the same tokens).
+    """
+    from transformers import AutoConfig
+
+    from methods.modeling_lpc import register
+
+    register()
+    sizes = []
+    for flag, path in (("--model", student_path), ("--teacher", teacher_path)):
+        try:
+            sizes.append(AutoConfig.from_pretrained(path).vocab_size)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{flag} {path}: cannot read its config: {str(exc).splitlines()[0]}") from None
+    if sizes[0] != sizes[1]:
+        raise UsageError(f"the teacher's vocabulary ({sizes[1]} tokens) is not the student's "
+                         f"({sizes[0]}): logit distillation needs the same tokenizer")
+    vocabularies = [_vocabulary(path) for path in (student_path, teacher_path)]
+    if None not in vocabularies and vocabularies[0] != vocabularies[1]:
+        differ = sum(1 for token, index in vocabularies[1].items() if vocabularies[0].get(token) != index)
+        raise UsageError(f"the teacher's tokenizer maps {differ} of its {len(vocabularies[1])} tokens to other ids "
+                         "than the student's: logit distillation needs the same tokenizer")
+
+
+def _vocabulary(path: str) -> Optional[Dict[str, int]]:
+    """The checkpoint's token -> id map, or None where it carries no tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def train(options: TrainOptions, *, student_path: str, teacher_path: Optional[str], data_factory: Callable,
