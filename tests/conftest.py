@@ -106,6 +106,25 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
     return model
 
 
+def char_tokenizer(swap=()):
+    """A real (fast) tokenizer with one id per character and a BOS in front: token boundaries are
+    obvious, so label masks can be checked exactly, and transformers' collator can pad with it.
+    `swap`: two characters whose ids trade places (a tokenizer of the same size, not the same tokens)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({c: 4 + i for i, c in enumerate([chr(c) for c in range(32, 127)] + ["\n"])})
+    if swap:
+        first, second = swap
+        vocab[first], vocab[second] = vocab[second], vocab[first]
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: with two OpenMP threads on a shared CPU every op spin-waits (about 30x slower);

@@ -233,7 +233,8 @@ def recover(model: nn.Module, tokenizer, spec: dict, *, device: str = "cpu", see
     model.to(target)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     torch.manual_seed(seed)  # LoRA A init and dropout
-    peft_model = _attach(model, recipe)
+    targets = stored_targets(model, recipe.targets)
+    peft_model = _attach(model, targets, recipe)
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]
     try:
         log = _train(peft_model, lora_params, train, val, recipe, target, seed,
@@ -252,7 +253,7 @@ def recover(model: nn.Module, tokenizer, spec: dict, *, device: str = "cpu", see
         "kind": "lora", **provenance,
         "examples": {"train": len(train), "val": len(val)},
         "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(recipe).items()},
-        "seed": seed, "device": str(target),
+        "adapted_modules": targets, "seed": seed, "device": str(target),
         "trainable_parameters": sum(p.numel() for p in lora_params),
         **{k: v for k, v in log.items() if k != "best_state"},
         "seconds": round(time.perf_counter() - start, 3),
@@ -275,12 +276,11 @@ def stored_targets(model: nn.Module, targets) -> List[str]:
     return list(dict.fromkeys(stored.get(t, t) for t in targets))
 
 
-def _attach(model: nn.Module, recipe: LoraRecipe):
+def _attach(model: nn.Module, targets: List[str], recipe: LoraRecipe):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UsageError("LoRA recovery needs the 'peft' package: pip install peft") from None
-    targets = stored_targets(model, recipe.targets)
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in targets if t not in present]
     if missing:
