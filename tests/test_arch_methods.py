@@ -203,17 +203,18 @@ def test_flap_scores_the_dense_fluctuation_and_compensates_what_it_removes(arch)
     torch.testing.assert_close(logits(model), logits(reference), rtol=1e-4, atol=1e-4)
 
 
-def _taylor(param):
-    return (param * param.grad).abs()
+def _llm_pruner(arch, **options):
+    """LLM-Pruner's report, and the dense model holding the gradients of its loss on the calibration batch."""
+    model = tiny_model(arch)
+    reference = copy.deepcopy(model)
+    report = methods.prune(model, "llm-pruner", CALIB, device="cpu", **options)
+    reference(input_ids=CALIB, labels=CALIB, use_cache=False).loss.backward()
+    return report, reference
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_llm_pruner_block_mode_ranks_by_first_order_taylor_salience(arch):
-    model = tiny_model(arch)
-    reference = copy.deepcopy(model)
-    report = methods.prune(model, "llm-pruner", CALIB, device="cpu", pruning_ratio=0.5, layers="0:3")
-    reference.zero_grad()
-    reference(input_ids=CALIB, labels=CALIB, use_cache=False).loss.backward()
+    report, reference = _llm_pruner(arch, pruning_ratio=0.5, layers="0:3")
     dim, fold = head_dim(arch), HEADS // KV
     for index, layer in enumerate(reference.model.layers):
         weights = projections(arch, layer)
@@ -242,11 +243,7 @@ def _grads_of(layer):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_llm_pruner_channel_mode_scores_every_member_of_the_hidden_dimension(arch):
-    model = tiny_model(arch)
-    reference = copy.deepcopy(model)
-    report = methods.prune(model, "llm-pruner", CALIB, device="cpu", pruning_ratio=0.25, mode="channel")
-    reference.zero_grad()
-    reference(input_ids=CALIB, labels=CALIB, use_cache=False).loss.backward()
+    report, reference = _llm_pruner(arch, pruning_ratio=0.25, mode="channel")
     offset = OFFSET.get(arch, 0.0)
     embed = reference.get_input_embeddings().weight
     score = (embed * embed.grad).abs().sum(0)

@@ -61,6 +61,13 @@ def train(workspace, out, model, kind, *extra):
                  "--warmup-fraction", "0", "--out", str(out), *extra])
 
 
+def trained(workspace, tmp_path, model, kind, *extra):
+    """(the checkpoint before, the one `lpc train` wrote), both reloaded."""
+    assert train(workspace, tmp_path / kind, model, kind, *extra) == 0
+    return (load_model(str(workspace / model), load_tokenizer=False)[0],
+            load_model(str(tmp_path / kind), load_tokenizer=False)[0])
+
+
 def _present(workspace, arch):
     if not (workspace / f"{arch}-dense").exists():
         pytest.skip("transformers has no Qwen3 before 4.51")
@@ -75,9 +82,7 @@ def _the_next(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_pruned_checkpoint_continues_pretraining_and_reloads_in_its_format(workspace, tmp_path, arch):
     _present(workspace, arch)
-    assert train(workspace, tmp_path / "cpt", f"{arch}-pruned", "cpt") == 0
-    before, _ = load_model(str(workspace / f"{arch}-pruned"), load_tokenizer=False)
-    after, _ = load_model(str(tmp_path / "cpt"), load_tokenizer=False)
+    before, after = trained(workspace, tmp_path, f"{arch}-pruned", "cpt")
     assert after.config.model_type == f"lpc_{arch}"
     assert after.config.layer_intermediate_size == before.config.layer_intermediate_size
     ids = CALIB[:1]
@@ -98,9 +103,7 @@ def test_a_pruned_student_distils_from_another_architecture_with_the_same_vocabu
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_sparse_retraining_keeps_every_zero(workspace, tmp_path, arch):
     _present(workspace, arch)
-    assert train(workspace, tmp_path / "sparse", f"{arch}-sparse", "sparse") == 0
-    before, _ = load_model(str(workspace / f"{arch}-sparse"), load_tokenizer=False)
-    after, _ = load_model(str(tmp_path / "sparse"), load_tokenizer=False)
+    before, after = trained(workspace, tmp_path, f"{arch}-sparse", "sparse")
     changed = 0
     for (name, old), new in zip(before.named_parameters(), after.parameters()):
         if name.endswith("_proj.weight"):   # Phi-3's qkv_proj and gate_up_proj included
