@@ -135,7 +135,6 @@ def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, device: torch.de
         for sample_index in range(calib.shape[0]):
             with contextlib.suppress(_Captured), torch.no_grad():
                 model(calib[sample_index:sample_index + 1].to(device), use_cache=False)
-        handle.remove()
         if len(set(types)) > 1:
             by_type[types[0]] = recorded["kwargs"]
             for kind in dict.fromkeys(types[1:]):

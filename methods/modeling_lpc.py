@@ -70,7 +70,9 @@ class LayerConfig:
 
     def __getattr__(self, name):
         state = self.__dict__
-        if "_own" not in state:  # mid-copy: nothing to delegate to yet
+        # Mid-copy there is nothing to delegate to yet; and copy/pickle protocol methods must be this
+        # class's own, or a copy would come back as the shared config.
+        if "_own" not in state or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)
         return state["_own"][name] if name in state["_own"] else getattr(state["_shared"], name)
 
