@@ -135,10 +135,12 @@ def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, device: torch.de
         for sample_index in range(calib.shape[0]):
             with contextlib.suppress(_Captured), torch.no_grad():
                 model(calib[sample_index:sample_index + 1].to(device), use_cache=False)
+        handle.remove()  # the captures below must not write into `hidden`
         if len(set(types)) > 1:
             by_type[types[0]] = recorded["kwargs"]
-            for kind in dict.fromkeys(types[1:]):
-                by_type.setdefault(kind, _first_layer_kwargs(model, calib[:1].to(device), types.index(kind)))
+            for kind in dict.fromkeys(types):
+                if kind not in by_type:
+                    by_type[kind] = _first_layer_kwargs(model, calib[:1].to(device), types.index(kind))
     finally:
         handle.remove()
         model.config.use_cache = use_cache
