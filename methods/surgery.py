@@ -25,7 +25,7 @@ from torch import nn
 
 from methods import modeling_lpc
 from methods.anatomy import anatomy_of, attention_shape, decoder_layers, final_norm, layer_norms, mlp_width, parts
-from methods.architectures import READ_RESIDUAL, WRITE_RESIDUAL, submodule
+from methods.architectures import FIELDS, READ_RESIDUAL, WRITE_RESIDUAL, submodule
 from methods.errors import UsageError
 
 # Config entries that hold one value per decoder layer and must follow layer removal.
@@ -232,7 +232,7 @@ def keep_layers(model: nn.Module, kept: Sequence[int]) -> None:
         values = getattr(config, name, None)
         if isinstance(values, (list, tuple)) and len(values) == total:
             setattr(config, name, [values[i] for i in kept])
-    config.num_hidden_layers = len(kept)
+    setattr(config, FIELDS["layers"], len(kept))
 
 
 def layer_widths(model: nn.Module) -> List[Dict[str, int]]:
@@ -255,18 +255,17 @@ def sync_config(model: nn.Module) -> None:
     hidden = model.get_input_embeddings().weight.shape[1]
     dim = head_dim(decoder_layers(model)[0])
     # Read before hidden_size follows the pruned model: the scale stays the unpruned model's.
-    scale = (getattr(config, "embed_scale", None) or config.hidden_size ** 0.5) if anatomy.embed_scale else None
+    dense_hidden = getattr(config, FIELDS["hidden"])
+    scale = (getattr(config, "embed_scale", None) or dense_hidden ** 0.5) if anatomy.embed_scale else None
     stock = not config.model_type.startswith("lpc_") and _stock_expresses(model, widths, hidden, dim, scale)
-    config.hidden_size = hidden
+    setattr(config, FIELDS["hidden"], hidden)
+    setattr(config, FIELDS["layers"], len(widths))
     config.head_dim = dim
-    config.num_hidden_layers = len(widths)
     if not stock:
         _to_per_layer_format(model, widths, dim, scale)
         return
-    first = widths[0]
-    config.num_attention_heads = first["heads"]
-    config.num_key_value_heads = first["kv_heads"]
-    config.intermediate_size = first["intermediate"]
+    for unit in ("heads", "kv_heads", "intermediate"):
+        setattr(config, FIELDS[unit], widths[0][unit])
 
 
 def _stock_expresses(model: nn.Module, widths: List[Dict[str, int]], hidden: int, dim: int,
@@ -301,11 +300,10 @@ def _to_per_layer_format(model: nn.Module, widths: List[Dict[str, int]], dim: in
     values = {k: v for k, v in old.to_dict().items()
               if k not in ("model_type", "architectures", "auto_map", "transformers_version")
               and k not in modeling_lpc.LAYER_FIELDS}
+    # The stock fields hold the widest layer; the per-layer lists hold every layer's own.
+    values.update({FIELDS[unit]: max(w[unit] for w in widths) for unit in ("heads", "kv_heads", "intermediate")})
     values.update(
-        head_dim=dim, num_attention_heads=max(w["heads"] for w in widths),
-        num_key_value_heads=max(w["kv_heads"] for w in widths),
-        intermediate_size=max(w["intermediate"] for w in widths),
-        layer_num_attention_heads=[w["heads"] for w in widths],
+        head_dim=dim, layer_num_attention_heads=[w["heads"] for w in widths],
         layer_num_key_value_heads=[w["kv_heads"] for w in widths],
         layer_intermediate_size=[w["intermediate"] for w in widths],
         o_proj_bias=widths[0]["o_proj_bias"], down_proj_bias=widths[0]["down_proj_bias"])

@@ -2,7 +2,8 @@
 tiny models built here: per-layer (pruned) checkpoints train, export and reload in their own format,
 sparse retraining keeps every zero, LoRA adapts Phi-3's fused projections, and distillation runs
 between two architectures that share a vocabulary and refuses, in one line before any step, a
-teacher whose tokens differ.
+teacher whose tokens differ. Sheared LLaMA's shearing run (`lpc prune --method sheared`) reaches its
+target shape on each.
 """
 from __future__ import annotations
 
@@ -127,6 +128,26 @@ def test_lora_recovers_a_pruned_checkpoint(workspace, tmp_path, arch):
     assert reloaded.config.model_type == f"lpc_{arch}"
     names = {n.rsplit(".", 1)[-1] for n, _ in reloaded.named_modules()}
     assert ("qkv_proj" in names) == fused and not any("lora" in n for n in names)
+
+
+SHEARED_TARGET = {"hidden_size": 24, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2,
+                  "intermediate_size": 40}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_shearing_run_prunes_to_the_target_shape(workspace, tmp_path, arch):
+    _present(workspace, arch)
+    out = tmp_path / "sheared"
+    code = main(["prune", "--model", str(workspace / f"{arch}-dense"), "--method", "sheared",
+                 "--target-shape", json.dumps(SHEARED_TARGET), "--data", str(workspace / "tokens.npy"),
+                 "--steps", "2", "--global-batch", "4", "--micro-batch", "2", "--seqlen", str(SEQLEN),
+                 "--lr", "1e-3", "--lagrangian-warmup-fraction", "0.5", "--out", str(out)])
+    assert code == 0
+    model, _ = load_model(str(out), load_tokenizer=False)
+    for name, value in SHEARED_TARGET.items():
+        assert getattr(model.config, name) == value, name
+    log = json.loads((out / "pruning-run.json").read_text())["log"]
+    assert len(log) == 2 and all(np.isfinite(r["loss"]) and np.isfinite(r["lagrangian"]) for r in log)
 
 
 def test_a_teacher_with_other_tokens_is_refused_in_one_line_before_any_step(workspace, tmp_path, capsys):
