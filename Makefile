@@ -85,7 +85,8 @@ TF443_TESTS := tests/test_golden_sparse.py tests/test_methods_models.py tests/te
                tests/test_surgery.py tests/test_golden_flap.py tests/test_golden_llmpruner.py \
                tests/test_golden_minitron.py tests/test_golden_shortgpt.py tests/test_depth_methods.py \
                tests/test_minitron_width.py tests/test_shortened.py tests/test_golden_sheared.py \
-               tests/test_calibration_batch.py
+               tests/test_calibration_batch.py tests/test_arch_surgery.py tests/test_arch_methods.py \
+               tests/test_arch_training.py
 test-tf443: $(VENV443)/.stamp
 	$(VENV443)/bin/python -m pytest -q $(TF443_TESTS)
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from methods import calibration
-from methods.anatomy import check_llama_like, overall_sparsity, sparsity_by_module
+from methods.anatomy import check_supported, overall_sparsity, sparsity_by_module
 from methods.core.batching import compute_device
 from methods.core.errors import UsageError
 from methods.options import declared, one_line
@@ -59,7 +59,7 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
 
     method = get(name)
     opts = make_options(method, options)
-    check_llama_like(model)
+    check_supported(model)
     if method.needs_calibration:
         _check_calibration(calib, model)
     calib_batch = calibration.parse_batch(calib_batch)

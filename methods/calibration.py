@@ -12,7 +12,10 @@ layer at a time is what lets a model larger than the GPU be pruned.
 
 All samples share one set of arguments, as in the originals: they have equal length and no padding,
 so masks, positions and rotary tables are the same for every sample, and the batch-1 arguments
-recorded from the first sample broadcast over a chunk of several.
+recorded from the first sample broadcast over a chunk of several. The mask is the one the model built
+for the layer: a sliding-window model (Mistral) replays its sliding mask, and where layers differ in
+attention type (`config.layer_types`: Gemma 2 alternates sliding and global layers) the arguments are
+recorded once per type, each from the first layer of that type, and every layer replays its own.
 
 Batch size. By default every sample goes through a layer alone, as the original implementations feed
 them: that order of float operations is what reproduces their masks bit for bit (tests/test_golden_*).
@@ -28,12 +31,13 @@ import contextlib
 import contextvars
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from methods.anatomy import decoder_layers, linear_layers
+from methods.anatomy import anatomy_of, decoder_layers, linear_layers
+from methods.architectures import submodule
 from methods.core.batching import batch_that_fits, parse_batch_size
 
 
@@ -72,11 +76,18 @@ def calibration_batch(value: Union[int, str]) -> Iterator[Batching]:
 class LayerInputs:
     """Hidden states entering the current decoder layer, one row per calibration sample."""
 
-    def __init__(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any], batch: int = 1):
+    def __init__(self, hidden: torch.Tensor, args: Tuple[Any, ...], kwargs: Dict[str, Any], batch: int = 1,
+                 by_layer: Optional[List[Dict[str, Any]]] = None):
         self.hidden = hidden          # [nsamples, seqlen, hidden_size], model dtype, compute device
         self.args = args              # positional arguments after hidden_states (usually none)
-        self.kwargs = kwargs          # keyword arguments the model passed to its decoder layers
+        self.kwargs = kwargs          # keyword arguments the model passes to the current decoder layer
         self.batch = batch            # samples per layer call
+        self.by_layer = by_layer      # each layer's keyword arguments, where layers differ
+
+    def at(self, index: int) -> None:
+        """Make the arguments those of decoder layer `index`."""
+        if self.by_layer is not None:
+            self.kwargs = self.by_layer[index]
 
     def chunks(self) -> Iterator[slice]:
         for first in range(0, self.hidden.shape[0], self.batch):
@@ -117,23 +128,53 @@ def capture_layer_inputs(model: nn.Module, calib: torch.Tensor, device: torch.de
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
+    by_type: Dict[str, Dict[str, Any]] = {}
+    types = list(getattr(model.config, "layer_types", None) or [])
     try:
         hidden = torch.zeros((calib.shape[0], calib.shape[1], model.config.hidden_size),
                              dtype=dtype, device=device)
         for sample_index in range(calib.shape[0]):
             with contextlib.suppress(_Captured), torch.no_grad():
                 model(calib[sample_index:sample_index + 1].to(device), use_cache=False)
+        handle.remove()  # the captures below must not write into `hidden`
+        if len(set(types)) > 1:
+            by_type[types[0]] = recorded["kwargs"]
+            for kind in dict.fromkeys(types):
+                if kind not in by_type:
+                    by_type[kind] = _first_layer_kwargs(model, calib[:1].to(device), types.index(kind))
     finally:
         handle.remove()
         model.config.use_cache = use_cache
         for module, home in zip(roots, homes):
             module.to(home)
-    kwargs = recorded["kwargs"]
-    kwargs["use_cache"] = False
-    for key in ("past_key_value", "past_key_values", "cache"):
-        if key in kwargs:
-            kwargs[key] = None
-    return LayerInputs(hidden, recorded["args"], kwargs)
+    for kwargs in [recorded["kwargs"], *by_type.values()]:
+        kwargs["use_cache"] = False
+        for key in ("past_key_value", "past_key_values", "cache"):
+            if key in kwargs:
+                kwargs[key] = None
+    by_layer = [by_type[kind] for kind in types] if by_type else None
+    return LayerInputs(hidden, recorded["args"], recorded["kwargs"], by_layer=by_layer)
+
+
+def _first_layer_kwargs(model: nn.Module, row: torch.Tensor, index: int) -> Dict[str, Any]:
+    """The keyword arguments the model passes to decoder layer `index`, recorded with the layers before
+    it left out, so that it is the first one the forward reaches."""
+    from methods.depth import layers_skipped
+
+    recorded: Dict[str, Any] = {}
+
+    def hook(_module, _args, kwargs):
+        recorded.update((k, v) for k, v in kwargs.items() if k != "hidden_states")
+        raise _Captured
+
+    layer = decoder_layers(model)[index]
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with layers_skipped(model, range(index)), contextlib.suppress(_Captured), torch.no_grad():
+            model(row, use_cache=False)
+    finally:
+        handle.remove()
+    return recorded
 
 
 LayerHandler = Callable[[int, nn.Module, LayerInputs], None]
@@ -155,6 +196,7 @@ def sequential_layers(model: nn.Module, calib: torch.Tensor, device: torch.devic
     for index, layer in enumerate(layers):
         home = _device_of(layer)
         layer.to(device)
+        inputs.at(index)
         handle_layer(index, layer, inputs)
         if index + 1 < len(layers):  # the last layer's outputs would feed nothing
             with torch.no_grad():
@@ -168,11 +210,11 @@ def gather_inputs(layer: nn.Module, inputs: LayerInputs, collect: Dict[str, Call
     """Feed every sample through the still-dense `layer`, calling collect[name](x) with the input x of
     each named Linear.
 
-    Only inputs are wanted, so each sample's forward stops as soon as the last Linear of the block
-    (in module order, which is execution order in Llama-like blocks: the MLP's down projection) has
-    shown its input: its matmul and what follows would be thrown away.
+    Only inputs are wanted, so each sample's forward stops as soon as the last Linear the block runs
+    (the MLP's down projection) has shown its input: its matmul and what follows would be thrown away.
     """
     modules = linear_layers(layer)
+    last = submodule(layer, anatomy_of(layer).projections["down"])
     def observer(fn):
         def hook(_module, args):
             fn(args[0].detach())  # a pre-hook's return value would replace the Linear's arguments
@@ -180,7 +222,7 @@ def gather_inputs(layer: nn.Module, inputs: LayerInputs, collect: Dict[str, Call
 
     handles = [modules[name].register_forward_pre_hook(observer(fn)) for name, fn in collect.items()]
     # Registered after the collectors, so it fires after them.
-    handles.append(modules[list(modules)[-1]].register_forward_pre_hook(_stop))
+    handles.append(last.register_forward_pre_hook(_stop))
     try:
         with torch.no_grad():
             for rows in inputs.chunks():

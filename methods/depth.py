@@ -102,6 +102,9 @@ def layers_skipped(model: nn.Module, skip: Sequence[int]) -> Iterator[None]:
             module.layer_idx = index
         for name, value in saved_config.items():
             setattr(config, name, value)
+        for name in surgery.PER_LAYER_CONFIG:
+            if name not in saved_config and hasattr(config, name):  # the cut filled it in (layer_types)
+                delattr(config, name)
 
 
 def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,6 @@ from methods.sparsity import InputSquaredNorm
 
 NAME = "flap"
 LITERAL_HEAD_WEIGHT = 512.0 / 3
-ATTN, MLP = "self_attn.o_proj", "mlp.down_proj"
 
 
 @method_options
@@ -136,7 +135,8 @@ def collect_statistics(model: nn.Module, calib: torch.Tensor, options: Options,
     out: List[LayerStatistics] = []
 
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-        linears = {ATTN: layer.self_attn.o_proj, MLP: layer.mlp.down_proj}
+        linears = width_stats.scored_linears(layer)
+        attn, mlp = linears
         stats = {name: InputFluctuation(m.in_features, device, fluctuation=options.metrics != "WIFN",
                                         exact=options.exact_fluctuation) for name, m in linears.items()}
         norms = ({name: InputSquaredNorm(m.in_features, device) for name, m in linears.items()}
@@ -153,15 +153,15 @@ def collect_statistics(model: nn.Module, calib: torch.Tensor, options: Options,
         metrics = {}
         for name, linear in linears.items():
             metric = channel_metric(options.metrics, linear.weight.data, stats[name], norms.get(name))
-            metrics[name] = widened(metric ** 2 if name == ATTN else metric).cpu()
+            metrics[name] = widened(metric ** 2 if name == attn else metric).cpu()
             width_stats.publish(index, name, "baseline_inp", stats[name].baseline)
             if name in norms:
                 width_stats.publish(index, name, "scaler_inp", norms[name].value)
             else:
                 width_stats.publish(index, name, "fluc_inp", stats[name].fluc)
-        dtype = layer.self_attn.o_proj.weight.dtype
-        out.append(LayerStatistics(metrics[ATTN], metrics[MLP], stats[ATTN].baseline.to(dtype).cpu(),
-                                   stats[MLP].baseline.to(dtype).cpu()))
+        dtype = linears[attn].weight.dtype
+        out.append(LayerStatistics(metrics[attn], metrics[mlp], stats[attn].baseline.to(dtype).cpu(),
+                                   stats[mlp].baseline.to(dtype).cpu()))
 
     # The handler prunes nothing, so the engine feeds every layer the dense outputs of the last.
     sequential_layers(model, calib, device, handle_layer)
@@ -217,8 +217,8 @@ def compensate(layer: nn.Module, keep_groups: torch.Tensor, keep_channels: torch
     """Add the removed input channels' mean contribution to o_proj's and down_proj's outputs."""
     _, size, head_dim = width_stats.group_layout(layer)
     keep_columns = keep_groups.repeat_interleave(size * head_dim)
-    for linear, baseline, keep in ((layer.self_attn.o_proj, stats.attn_baseline, keep_columns),
-                                   (layer.mlp.down_proj, stats.mlp_baseline, keep_channels)):
+    attn, mlp = width_stats.scored_linears(layer).values()
+    for linear, baseline, keep in ((attn, stats.attn_baseline, keep_columns), (mlp, stats.mlp_baseline, keep_channels)):
         weight = linear.weight.data.to(device)
         bias = (baseline.to(device) * ~keep.to(device)) @ weight.T
         surgery.add_output_bias(linear, bias)

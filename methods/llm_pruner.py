@@ -19,8 +19,13 @@ Groups and scores, as the original's dependency graph and importance classes pro
   default) reproduces that; `"grouped"` sums the query heads that are actually removed together.
 * MLP group: gate/up output rows and down_proj input columns of one intermediate channel.
 * hidden group (channel mode): every parameter with a residual-stream axis: embedding columns,
-  both RMSNorms of every layer and the final norm, q/k/v/gate/up input columns, o/down output rows,
-  lm_head input columns.
+  every residual norm of every layer and the final norm, q/k/v/gate/up input columns, o/down output
+  rows, lm_head input columns.
+
+Other architectures (methods/architectures.py): a member is a projection's part, so the q, k and v
+(gate and up) rows of a fused Linear are three (two) members, scored as the separate Linears of a
+Llama would be; a norm stored as an offset from 1 (Gemma) is scored by the scale it applies, 1 + w,
+the weight whose removal the Taylor term estimates.
 
 Member scores, per channel: Taylor criteria use the salience s = W*G of one backward pass of the
 causal-LM loss on the whole calibration batch (labels = inputs): element1 sum|s| (param_first),
@@ -62,7 +67,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from methods import gradients, surgery
-from methods.anatomy import decoder_layers
+from methods.anatomy import anatomy_of, attention_shape, decoder_layers, final_norm, mlp_width, parts
+from methods.architectures import submodule
 from methods.core.errors import UsageError
 from methods.options import method_options
 
@@ -167,13 +173,37 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
 # ----------------------------------------------------------------------------- groups
 
 @dataclass
+class Member:
+    """One parameter of a pruning group, on the group's channel axis."""
+
+    label: str
+    param: nn.Parameter
+    axis: str                     # out | in | norm | embed
+    rows: Optional[slice] = None  # the part's rows of a fused Linear (None: all of it)
+    offset: float = 0.0           # a norm weight stored as an offset from this scale (Gemma)
+
+    def weight(self) -> torch.Tensor:
+        weight = self.of(self.param)
+        return weight + self.offset if self.offset else weight
+
+    def of(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The member's rows of its parameter, or of a tensor shaped like it (a gradient)."""
+        return tensor if tensor is None or self.rows is None else tensor[self.rows]
+
+
+def _part(found: dict, part: str, axis: str) -> Member:
+    piece = found[part]
+    return Member(part, piece.linear.weight, axis, None if piece.whole else piece.rows)
+
+
+@dataclass
 class Group:
     """One of the original's pruning groups: `members` share the root's channel axis."""
 
     name: str
     channels: int                 # the root's channel count n (for the removal count)
     unit: int                     # channels per ranked unit: head_dim for attention, else 1
-    members: List[Tuple[str, nn.Module, str]]  # (label, module, axis: out | in | norm | embed), in the original's order
+    members: List[Member]         # in the original's order
     ratio: float
     query_fold: int = 1           # GQA: query channels per key/value channel
     query_members: Tuple[str, ...] = ()
@@ -214,41 +244,47 @@ class LayerPlan:
 
 
 def _layer_plan(layer: nn.Module, index: int, options: Options) -> LayerPlan:
-    heads, kv_heads, dim = surgery.attention_shape(layer)
+    heads, kv_heads, dim = attention_shape(layer)
     surgery.kv_group_of(layer)  # refuses query heads that do not split evenly over key/value heads
-    attn, mlp = layer.self_attn, layer.mlp
+    found = parts(layer)
     gqa = kv_heads != heads
     if gqa:
         # llama3.py: root k_proj; member order of its dependency group.
-        members = [("k_proj", attn.k_proj, "out"), ("o_proj", attn.o_proj, "in"),
-                   ("v_proj", attn.v_proj, "out"), ("q_proj", attn.q_proj, "out")]
+        members = [_part(found, p, axis) for p, axis in (("k", "out"), ("o", "in"), ("v", "out"), ("q", "out"))]
         attention = Group(f"layer {index} attention", kv_heads * dim, dim, members, options.pruning_ratio,
-                          query_fold=heads // kv_heads, query_members=("q_proj", "o_proj"))
+                          query_fold=heads // kv_heads, query_members=("q", "o"))
     else:
-        members = [("q_proj", attn.q_proj, "out"), ("o_proj", attn.o_proj, "in"),
-                   ("v_proj", attn.v_proj, "out"), ("k_proj", attn.k_proj, "out")]
+        members = [_part(found, p, axis) for p, axis in (("q", "out"), ("o", "in"), ("v", "out"), ("k", "out"))]
         attention = Group(f"layer {index} attention", heads * dim, dim, members, options.pruning_ratio)
-    channels = mlp.gate_proj.out_features
-    mlp_group = Group(f"layer {index} MLP", channels, 1,
-                      [("gate_proj", mlp.gate_proj, "out"), ("up_proj", mlp.up_proj, "out"),
-                       ("down_proj", mlp.down_proj, "in")], options.pruning_ratio)
+    mlp_group = Group(f"layer {index} MLP", mlp_width(layer), 1,
+                      [_part(found, p, axis) for p, axis in (("gate", "out"), ("up", "out"), ("down", "in"))],
+                      options.pruning_ratio)
     return LayerPlan(index, attention, mlp_group, gqa)
 
 
 def _hidden_group(model: nn.Module, options: Options) -> Group:
     embed = model.get_input_embeddings()
-    members: List[Tuple[str, nn.Module, str]] = [("embed_tokens", embed, "embed")]
+    anatomy = anatomy_of(model)
+    members: List[Member] = [Member("embed_tokens", embed.weight, "embed")]
+    # One layer in execution order: a norm reads the residual, the projections read or write it, an
+    # output norm (Gemma 2) closes each block.
+    first, second = anatomy.input_norms
+    attn_out, mlp_out = (anatomy.output_norms + (None, None))[:2]
+    order = ((first, "norm"), ("q", "in"), ("k", "in"), ("v", "in"), ("o", "out"), (attn_out, "norm"),
+             (second, "norm"), ("gate", "in"), ("up", "in"), ("down", "out"), (mlp_out, "norm"))
     for i, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        members += [(f"{i}.input_layernorm", layer.input_layernorm, "norm")]
-        members += [(f"{i}.{n}", getattr(attn, n), "in") for n in ("q_proj", "k_proj", "v_proj")]
-        members += [(f"{i}.o_proj", attn.o_proj, "out"), (f"{i}.post_attention_layernorm", layer.post_attention_layernorm, "norm")]
-        members += [(f"{i}.gate_proj", mlp.gate_proj, "in"), (f"{i}.up_proj", mlp.up_proj, "in"),
-                    (f"{i}.down_proj", mlp.down_proj, "out")]
-    members.append(("norm", model.model.norm, "norm"))
+        found = parts(layer)
+        for name, axis in order:
+            if name is None:
+                continue
+            if axis == "norm":
+                members.append(Member(f"{i}.{name}", submodule(layer, name).weight, axis, offset=anatomy.norm_offset))
+            else:
+                members.append(_part(found, name, axis))
+    members.append(Member("norm", final_norm(model).weight, "norm", offset=anatomy.norm_offset))
     head = model.get_output_embeddings()
     if head is not None:
-        members.append(("lm_head", head, "in"))
+        members.append(Member("lm_head", head.weight, "in"))
     return Group("the hidden dimension", embed.weight.shape[1], 1, members, options.pruning_ratio)
 
 
@@ -263,7 +299,7 @@ def _score(model: nn.Module, groups: Sequence[Group], calib: torch.Tensor, crite
             channels = torch.rand(group.channels)  # RandomImportance: one uniform per root channel
             out[id(group)] = _per_unit(channels, group)
         return out
-    weights = {id(module.weight): module.weight for g in groups for _, module, _ in g.members}
+    weights = {id(m.param): m.param for g in groups for m in g.members}
     with gradients.on_device(model, device, options.grad_dtype,
                              trainable=weights.values() if criterion == "taylor" else ()):
         grads: Dict[int, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
@@ -273,15 +309,15 @@ def _score(model: nn.Module, groups: Sequence[Group], calib: torch.Tensor, crite
         with torch.no_grad():
             for group in groups:
                 member_scores = []
-                for label, module, axis in group.members:
+                for member in group.members:
                     if criterion == "taylor":
-                        grad, acc = grads[id(module.weight)]
-                        score = _taylor_member(module.weight, grad, acc, axis, variant)
+                        grad, acc = (member.of(g) for g in grads[id(member.param)])
+                        score = _taylor_member(member.weight(), grad, acc, member.axis, variant)
                     else:
-                        score = _magnitude_member(module.weight, axis, variant)
+                        score = _magnitude_member(member.weight(), member.axis, variant)
                         if score is None:
                             continue
-                    member_scores.append(_fold(score, group, label, options.gqa_importance))
+                    member_scores.append(_fold(score, group, member.label, options.gqa_importance))
                 stacked = torch.stack(member_scores, dim=0)
                 channels = stacked.sum(0) if criterion == "taylor" else stacked.mean(0)
                 out[id(group)] = _per_unit(channels, group).cpu()
@@ -358,7 +394,7 @@ def _taylor_gradients(model: nn.Module, calib: torch.Tensor, weights: List[torch
 
 def _query_heads(layer: nn.Module, kept: List[int]) -> Tuple[List[int], List[int]]:
     """Units kept by the attention group -> (query heads, key/value heads) of the dense layer."""
-    heads, kv_heads, _ = surgery.attention_shape(layer)
+    heads, kv_heads, _ = attention_shape(layer)
     if heads == kv_heads:
         return kept, kept
     size = heads // kv_heads
@@ -369,9 +405,9 @@ def _dense_units(layers: Sequence[nn.Module]) -> List[dict]:
     """Every unit of every layer, as dense indices: the report of a layer nothing is removed from."""
     out = []
     for layer in layers:
-        heads, kv_heads, _ = surgery.attention_shape(layer)
+        heads, kv_heads, _ = attention_shape(layer)
         out.append({"heads_kept": list(range(heads)), "kv_heads_kept": list(range(kv_heads)),
-                    "mlp_channels_kept": list(range(layer.mlp.gate_proj.out_features))})
+                    "mlp_channels_kept": list(range(mlp_width(layer)))})
     return out
 
 

@@ -6,7 +6,9 @@ Statistics, from one pass of every calibration row (batch 1) through the dense m
 
 * MLP neurons of layer l: the input of ``mlp.down_proj`` (act(gate) * up), [batch, seq, ffn].
 * Hidden channels: the outputs of *both* RMSNorms of *every* layer, all 2L of them summed into one
-  vector (the final norm and the embedding are not watched).
+  vector (the final norm and the embedding are not watched). These are the norms that feed attention
+  and the MLP (the anatomy's input norms: Gemma 2's pre_feedforward_layernorm, not its
+  post_attention_layernorm, which is a block's output norm there).
 * Query heads (only with ``num_heads``): the input of ``o_proj`` (per-head attention output).
 
 Aggregation of one hooked tensor x [batch, seq, units]:
@@ -40,7 +42,8 @@ from pydantic import Field
 from torch import nn
 
 from methods import depth, surgery
-from methods.anatomy import decoder_layers
+from methods.anatomy import anatomy_of, attention_shape, decoder_layers, mlp_width, parts
+from methods.architectures import submodule
 from methods.core.errors import UsageError
 from methods.core.numerics import running_zeros, widened
 from methods.options import method_options
@@ -115,13 +118,15 @@ def gather(model: nn.Module, calib: torch.Tensor, options: Options, device: torc
     # keeps one per norm for its per-hook square root. Sharing the buffer keeps the collection's
     # float32 summation order, which matters where two channels nearly tie.
     shared = new("norms", hidden) if options.aggregation == "collection" else None
+    norms = anatomy_of(model).input_norms
     for layer in decoder_layers(model):
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        for norm in (submodule(layer, name) for name in norms):
             stat = shared or new("norms", hidden)
             handles.append(norm.register_forward_hook(lambda _m, _a, out, stat=stat: stat.add(out)))
-        inputs = [("mlp", layer.mlp.down_proj)]
+        found = parts(layer)
+        inputs = [("mlp", found["down"].linear)]
         if options.num_heads is not None:
-            inputs.append(("heads", layer.self_attn.o_proj))
+            inputs.append(("heads", found["o"].linear))
         for kind, linear in inputs:
             stat = new(kind, linear.in_features)
             handles.append(linear.register_forward_pre_hook(lambda _m, args, stat=stat: stat.add(args[0])))
@@ -140,7 +145,7 @@ def top(score: torch.Tensor, size: int) -> List[int]:
 
 def head_importance(layer: nn.Module, channel_score: torch.Tensor) -> torch.Tensor:
     """Per query head: the L2 norm of its channels' importance."""
-    heads, _, dim = surgery.attention_shape(layer)
+    heads, _, dim = attention_shape(layer)
     return channel_score.reshape(heads, dim).norm(dim=1)
 
 
@@ -162,14 +167,14 @@ def _check_targets(model: nn.Module, options: Options) -> None:
     if options.hidden_size > hidden:
         raise UsageError(f"hidden_size {options.hidden_size} is larger than the model's {hidden}")
     layers = decoder_layers(model)
-    narrowest = min(layer.mlp.down_proj.in_features for layer in layers)
+    narrowest = min(mlp_width(layer) for layer in layers)
     if options.ffn_hidden_size > narrowest:
         raise UsageError(f"ffn_hidden_size {options.ffn_hidden_size} is larger than the model's MLP "
                          f"({narrowest} channels)")
     if options.num_heads is None:
         return
     for index, layer in enumerate(layers):
-        heads, kv_heads, _ = surgery.attention_shape(layer)
+        heads, kv_heads, _ = attention_shape(layer)
         if options.num_heads > heads:
             raise UsageError(f"num_heads {options.num_heads} is more than layer {index}'s {heads} query heads")
         if options.num_heads % kv_heads:

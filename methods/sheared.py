@@ -24,14 +24,9 @@ training/engine.py). `Gates` without a target shape (the original's untargeted m
 golden fixtures cover; the options always name a target) constrain the overall expected sparsity of
 the prunable parameters instead.
 
-Where the gates multiply a Hugging Face Llama (`Masking`, forward hooks): head gates scale each
-head's attention output before o_proj; the layer gate and the hidden gates scale the o_proj and
-down_proj outputs; MLP gates scale the up_proj output; every RMSNorm computes its variance over the
-kept hidden channels only (gate != 0), normalises the whole vector and multiplies its output by the
-hidden gates. Pruning (`prune`) takes the deterministic gates at the target size, folds them into
-the weights (head gates into v_proj rows, layer and hidden gates into o_proj and down_proj rows, MLP
-gates into up_proj rows, hidden gates into every norm weight and the embedding columns) and removes
-the zeroed units through methods/surgery.py.
+Where the gates multiply the model while it is sheared (`Masking`), how they are folded into its
+weights and how the zeroed units go: methods/sheared_model.py. Pruning (`prune`) takes the
+deterministic gates at the target size, folds them and removes the zeroed units.
 
 Grouped-query attention (the original is MHA only): one gate per key/value group, multiplying every
 query head that reads it, so whole groups are removed as the kit's other width methods do; under
@@ -53,23 +48,21 @@ Quirks of the original, kept by default, each with its correction as an option:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Dict, Iterator, List, Optional, Union
+from typing import Annotated, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from methods import surgery
-from methods.anatomy import decoder_layers
+from methods.architectures import by_model_type
 from methods.core.errors import UsageError
-from methods.core.numerics import widened
 from methods.options import method_options
+from methods.sheared_model import Masking, fold, remove_zeroed  # noqa: F401  (the method's public parts)
 
 LIMIT_LOW, LIMIT_HIGH = -0.1, 1.1          # the stretch interval of the hard-concrete distribution
 TEMPERATURE = 2.0 / 3.0
@@ -191,7 +184,8 @@ def target_for(config, spec: Union[str, Dict[str, int]]) -> Shape:
             what = "key/value heads" if key == "num_key_value_heads" else key
             raise UsageError(f"target {what} {values[key]} is more than the source's {getattr(source, key)}")
     target = Shape(**values)
-    if target.hidden_size % target.num_attention_heads:
+    anatomy = by_model_type(getattr(config, "model_type", ""))
+    if not (anatomy and anatomy.explicit_head_dim) and target.hidden_size % target.num_attention_heads:
         raise UsageError(f"target hidden_size {target.hidden_size} is not divisible by its "
                          f"{target.num_attention_heads} attention heads")
     if target.num_attention_heads != target.num_key_value_heads * source.group_size:
@@ -383,137 +377,6 @@ class Gates(nn.Module):
         warmup = int(round(options.lagrangian_warmup_fraction * steps))
         return cls(shape_of(config), head_dim_of(config), target_for(config, options.target_shape),
                    warmup_steps=warmup, start_sparsity=options.start_sparsity, seed=seed)
-
-
-# ----------------------------------------------------------------------------- the masked model
-
-class Masking:
-    """Forward hooks that multiply gate values into a Hugging Face Llama where the original does.
-
-    `zs` None leaves the model as it is. The hooks read `zs` at call time, so one set of hooks serves
-    every step (and FSDP's sharded layers, whose submodules keep their hooks).
-    """
-
-    def __init__(self, model: nn.Module, *, mask_embedding: bool = False):
-        self.zs: Optional[Zs] = None
-        self.handles = []
-        layers = decoder_layers(model)
-        if mask_embedding:
-            self._hook(model.get_input_embeddings(), lambda _m, _a, out: self._hidden(out))
-        for index, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                self._hook(norm, self._norm)
-            self.handles.append(attn.o_proj.register_forward_pre_hook(
-                lambda _m, args, i=index: self._heads(i, args)))
-            self._hook(attn.o_proj, lambda _m, _a, out, i=index: self._block_output(i, out))
-            self._hook(mlp.up_proj, lambda _m, _a, out, i=index: self._channels(i, out))
-            self._hook(mlp.down_proj, lambda _m, _a, out, i=index: self._block_output(i, out))
-        self._hook(model.model.norm, self._norm)
-        heads, kv_heads, _ = surgery.attention_shape(layers[0])
-        self.group_size = heads // kv_heads
-
-    def _hook(self, module: nn.Module, fn) -> None:
-        self.handles.append(module.register_forward_hook(fn))
-
-    @contextlib.contextmanager
-    def using(self, zs: Optional[Zs]) -> Iterator[None]:
-        before, self.zs = self.zs, zs
-        try:
-            yield
-        finally:
-            self.zs = before
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def _hidden(self, out: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.zs is None else out * self.zs.hidden.to(out.dtype)
-
-    def _heads(self, index: int, args):
-        if self.zs is None:
-            return None
-        x = args[0]
-        z = self.zs.head[index].to(x.dtype)
-        shape = x.shape
-        # Query heads are laid out group by group (transformers' repeat_kv), so a group is a slice.
-        x = x.reshape(*shape[:-1], z.shape[0], self.group_size, -1) * z[:, None, None]
-        return (x.reshape(shape), *args[1:])
-
-    def _block_output(self, index: int, out: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.zs is None:
-            return None
-        return out * self.zs.layer[index].to(out.dtype) * self.zs.hidden.to(out.dtype)
-
-    def _channels(self, index: int, out: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.zs is None else out * self.zs.intermediate[index].to(out.dtype)
-
-    def _norm(self, module: nn.Module, args, out: torch.Tensor) -> Optional[torch.Tensor]:
-        """RMSNorm over the kept channels: their mean square normalises the whole vector."""
-        if self.zs is None:
-            return None
-        x = args[0]
-        hidden = self.zs.hidden
-        kept = torch.nonzero(hidden != 0).reshape(-1)
-        state = widened(x)
-        variance = state.index_select(-1, kept).pow(2).mean(-1, keepdim=True)
-        normed = module.weight * (state * torch.rsqrt(variance + module.variance_epsilon)).to(x.dtype)
-        return normed * hidden.to(normed.dtype)
-
-
-# ----------------------------------------------------------------------------- fold and removal
-
-def fold(model: nn.Module, zs: Zs, *, into_lm_head: bool = True) -> None:
-    """Multiply the gate values into the weights, so that the model computes what the masked one did."""
-    layers = decoder_layers(model)
-    hidden = zs.hidden
-    with torch.no_grad():
-        for index, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            v = attn.v_proj.weight
-            v.mul_(zs.head[index].to(v.dtype).repeat_interleave(v.shape[0] // zs.head.shape[1])[:, None])
-            block = (zs.layer[index] * hidden).to(v.dtype)[:, None]
-            attn.o_proj.weight.mul_(block)
-            mlp.down_proj.weight.mul_(block)
-            mlp.up_proj.weight.mul_(zs.intermediate[index].to(v.dtype)[:, None])
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight.mul_(hidden.to(norm.weight.dtype))
-        model.model.norm.weight.mul_(hidden.to(model.model.norm.weight.dtype))
-        embed = model.get_input_embeddings()
-        head = model.get_output_embeddings()
-        tied = head is not None and head.weight is embed.weight
-        if tied and not into_lm_head:
-            model.config.tie_word_embeddings = False
-            head.weight = nn.Parameter(head.weight.detach().clone())
-            tied = False
-        embed.weight.mul_(hidden.to(embed.weight.dtype)[None, :])
-        if head is not None and into_lm_head and not tied:
-            head.weight.mul_(hidden.to(head.weight.dtype)[None, :])
-
-
-def remove_zeroed(model: nn.Module, zs: Zs) -> dict:
-    """Remove every unit whose gate is 0 (surgery); the report indexes the dense model."""
-    layers = decoder_layers(model)
-    group = surgery.kv_group_of(layers[0])
-    size = len(group) // zs.head.shape[1]
-    report_layers: List[Dict[str, List[int]]] = []
-    removed = [i for i in range(len(layers)) if float(zs.layer[i]) == 0]
-    for index, layer in enumerate(layers):
-        if index in removed:
-            report_layers.append({"heads_kept": [], "kv_heads_kept": [], "mlp_channels_kept": []})
-            continue
-        kv = torch.nonzero(zs.head[index] != 0).reshape(-1).tolist()
-        heads = [g * size + j for g in kv for j in range(size)]
-        entry = surgery.keep_heads(layer, heads, kv)
-        entry["mlp_channels_kept"] = surgery.keep_mlp_channels(
-            layer, torch.nonzero(zs.intermediate[index] != 0).reshape(-1).tolist())
-        report_layers.append(entry)
-    hidden_kept = surgery.keep_hidden_channels(model, torch.nonzero(zs.hidden != 0).reshape(-1).tolist())
-    if removed:
-        surgery.remove_layers(model, removed)
-    return {"layers": report_layers, "hidden_kept": hidden_kept, "layers_removed": removed}
 
 
 def random_gates(model: nn.Module, target: Shape, seed: int) -> Gates:

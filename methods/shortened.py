@@ -11,7 +11,8 @@ removal. Two criteria:
   ``grad_dtype`` (methods/gradients.py); per weight, salience s = W * dL/dW; a matrix scores
   sum_rows(sum_cols |s|^p), an RMSNorm vector sum |s|^p (p = `norm_power`); the block scores the sum
   of its weights' scores. Every parameter of the block whose name holds "weight" counts, the two
-  RMSNorms included; biases do not.
+  RMSNorms included; biases do not. A norm stored as an offset from 1 (Gemma) counts with the scale
+  it applies, 1 + w, as it would be stored in a Llama.
 
 The "+" heuristic (on by default, for both criteria, as in the original's block_prune.py) takes
 blocks 0-3 and the last two out of the candidates; ``plus_heuristic=False`` is the original's
@@ -27,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from methods import gradients, surgery
-from methods.anatomy import decoder_layers
+from methods.anatomy import anatomy_of, decoder_layers
 from methods.depth import input_device, layers_skipped, on_device
 from methods.core.errors import UsageError
 from methods.core.numerics import widened
@@ -128,6 +129,8 @@ def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options,
     The pass runs on `device` (default: where the model is)."""
     weights = [[(name, p) for name, p in layer.named_parameters() if "weight" in name]
                for layer in decoder_layers(model)]
+    anatomy = anatomy_of(model)
+    norms = {f"{name}.weight" for name in anatomy.norms}
     scores = []
     device = input_device(model) if device is None else device
     with gradients.on_device(model, device, options.grad_dtype, trainable=[p for block in weights for _, p in block]):
@@ -136,7 +139,8 @@ def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options,
             values = []
             for name, p in block:
                 # The product in the dtype the backward ran in, then fp32, as the original did.
-                values.append(_weight_score(widened(p.detach() * p.grad), name, options))
+                weight = p.detach() + anatomy.norm_offset if anatomy.norm_offset and name in norms else p.detach()
+                values.append(_weight_score(widened(weight * p.grad), name, options))
                 p.grad = None  # free as we go: a 7B model's fp32 gradients alone take 26 GB
             scores.append(_reduce(torch.tensor(values, dtype=torch.float32), options.block_reduction).item())
     return scores

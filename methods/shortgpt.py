@@ -41,7 +41,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from methods import depth, surgery
-from methods.anatomy import decoder_layers
+from methods.anatomy import decoder_layers, final_norm
 from methods.core.numerics import widened
 from methods.options import method_options
 
@@ -117,7 +117,7 @@ def _hidden_states(model: nn.Module, row: torch.Tensor) -> List[torch.Tensor]:
     def on_norm(_module, _args, output) -> None:
         states[len(states)] = widened(output.detach().reshape(-1, output.shape[-1]))
 
-    handle = model.model.norm.register_forward_hook(on_norm)
+    handle = final_norm(model).register_forward_hook(on_norm)
     try:
         with depth.watch_layers(model, on_layer):
             depth.run_rows(model, row.reshape(1, -1))

@@ -40,7 +40,6 @@ from methods.core.numerics import widened
 from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
 
-MODULES = ("self_attn.o_proj", "mlp.down_proj")
 
 
 @method_options
@@ -64,12 +63,14 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
     channel_scores: List[List[float]] = []
     layers: List[Dict[str, List[int]]] = []
 
-    def prune_layer(layer: nn.Module, norms: Dict[str, Optional[torch.Tensor]]) -> None:
+    def prune_layer(layer: nn.Module, norms: List[Optional[torch.Tensor]]) -> None:
+        """`norms`: the statistics of o_proj's and down_proj's inputs (None: mag-sp)."""
         kv_heads, size, head_dim = width_stats.group_layout(layer)
-        columns = column_scores(layer.self_attn.o_proj.weight.data, norms[MODULES[0]])
+        o_proj, down_proj = width_stats.scored_linears(layer).values()
+        columns = column_scores(o_proj.weight.data, norms[0])
         # Per head first (the original's sum over head_dim columns), then per key/value group.
         groups = columns.reshape(-1, head_dim).sum(dim=1).reshape(kv_heads, size).sum(dim=1)
-        mlp = column_scores(layer.mlp.down_proj.weight.data, norms[MODULES[1]])
+        mlp = column_scores(down_proj.weight.data, norms[1])
         keep_groups = width_stats.uniform_keep(groups, options.pruning_ratio)
         keep_channels = width_stats.uniform_keep(mlp, options.pruning_ratio)
         layers.append(width_stats.apply_selection(layer, keep_groups, keep_channels))
@@ -79,15 +80,15 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
     if options.score == "magnitude":
         # mag-sp reads only the weights: no calibration pass at all, as in the original.
         for layer in decoder_layers(model):
-            prune_layer(layer, {name: None for name in MODULES})
+            prune_layer(layer, [None, None])
     else:
         def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-            linears = {"self_attn.o_proj": layer.self_attn.o_proj, "mlp.down_proj": layer.mlp.down_proj}
-            stats = {name: InputSquaredNorm(linears[name].in_features, device) for name in MODULES}
+            linears = width_stats.scored_linears(layer)
+            stats = {name: InputSquaredNorm(linear.in_features, device) for name, linear in linears.items()}
             gather_inputs(layer, inputs, {name: s.add for name, s in stats.items()})
             for name, stat in stats.items():
                 width_stats.publish(index, name, "scaler_row", stat.value)
-            prune_layer(layer, {name: s.value for name, s in stats.items()})
+            prune_layer(layer, [s.value for s in stats.values()])
 
         sequential_layers(model, calib, device, handle_layer)
     return {"layers": layers, "scores": {"heads": head_scores, "mlp_channels": channel_scores}}

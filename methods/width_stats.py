@@ -17,14 +17,22 @@ import torch
 from torch import nn
 
 from methods import surgery
+from methods.anatomy import anatomy_of, attention_shape
+from methods.architectures import submodule
 from methods.core.errors import UsageError
 
 
 def group_layout(layer: nn.Module) -> Tuple[int, int, int]:
     """(key/value groups, query heads per group, head_dim) of one decoder layer."""
-    heads, kv_heads, head_dim = surgery.attention_shape(layer)
+    heads, kv_heads, head_dim = attention_shape(layer)
     surgery.kv_group_of(layer)  # refuses a grouping that does not split evenly
     return kv_heads, heads // kv_heads, head_dim
+
+
+def scored_linears(layer: nn.Module) -> Dict[str, nn.Linear]:
+    """The two Linears whose input columns both methods score, o and down, by their path in the layer."""
+    paths = [anatomy_of(layer).projections[part] for part in ("o", "down")]
+    return {path: submodule(layer, path) for path in paths}
 
 
 def per_group(channel_values: torch.Tensor, layer: nn.Module) -> torch.Tensor:

@@ -426,12 +426,13 @@ def bare_training_seconds(path: str, windows, options) -> float:
 
     import torch
 
-    from training.engine import load_causal_lm, lm_loss
+    from methods.core.models import load_model
+    from training.engine import lm_loss
 
     cuda = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(options.seed)
-    model = load_causal_lm(path).to(device).train()
+    model = load_model(path, load_tokenizer=False)[0].to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(options.beta1, options.beta2),
                                   eps=options.eps, weight_decay=options.weight_decay)
     precision = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()

@@ -99,6 +99,7 @@ def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) 
     start = time.perf_counter()
     compute_dtype = request.compute_dtype or request.dtype
     model, tokenizer = load_model(request.model, dtype=compute_dtype, revision=request.revision)
+    methods.check_supported(model)  # an architecture without a declaration, refused before any compute
     timings["load"] = time.perf_counter() - start
     calib = calibration = None
     if method.needs_calibration:

@@ -68,6 +68,63 @@ def tiny_llama(num_kv_heads: int = 2, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3")
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
+# What sets each architecture apart, at a size a unit test affords: Qwen2's q/k/v biases and tied
+# embeddings, Qwen3's q/k norms and head_dim 16 != 32 / 4, Mistral's sliding window, Gemma 2's
+# offset norms, post-norms, sqrt(hidden) embedding, soft-capping, query_pre_attn_scalar and
+# alternating sliding layers, Phi-3's fused projections.
+TINY_EXTRA = {"llama": {}, "qwen2": dict(tie_word_embeddings=True), "qwen3": dict(head_dim=16),
+              "mistral": dict(sliding_window=5, head_dim=8),
+              "gemma2": dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=12, tie_word_embeddings=True),
+              "phi3": dict()}
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    """A random tiny model of one declared architecture, every parameter drawn at random (biases and
+    norm scales too, so a cut in the wrong place shows in the logits). Qwen3 needs transformers >= 4.51."""
+    import torch
+    import transformers
+
+    from methods.architectures import ARCHITECTURES as DECLARED
+
+    prefix = DECLARED[arch].prefix
+    if not hasattr(transformers, f"{prefix}Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no {prefix} (Qwen3 arrived in 4.51)")
+    config = getattr(transformers, f"{prefix}Config")(**{**TINY, **TINY_EXTRA[arch], **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    offset = DECLARED[arch].norm_offset
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.1 if "norm" in name else 0.15
+            param.normal_(0.0, scale)
+            if "norm" in name:
+                param.add_(1.0 - offset)
+    return model
+
+
+def char_tokenizer(swap=()):
+    """A real (fast) tokenizer with one id per character and a BOS in front: token boundaries are
+    obvious, so label masks can be checked exactly, and transformers' collator can pad with it.
+    `swap`: two characters whose ids trade places (a tokenizer of the same size, not the same tokens)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({c: 4 + i for i, c in enumerate([chr(c) for c in range(32, 127)] + ["\n"])})
+    if swap:
+        first, second = swap
+        vocab[first], vocab[second] = vocab[second], vocab[first]
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: with two OpenMP threads on a shared CPU every op spin-waits (about 30x slower);

@@ -8,25 +8,10 @@ import pytest
 import torch
 
 from methods.core.errors import UsageError
-from tests.conftest import tiny_llama
+from tests.conftest import char_tokenizer, tiny_llama
 from training import lora
 
 pytest.importorskip("peft")
-
-
-def char_tokenizer():
-    """A real (fast) tokenizer with one id per character and a BOS in front: token boundaries are
-    obvious, so label masks can be checked exactly, and transformers' collator can pad with it."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({c: 4 + i for i, c in enumerate([chr(c) for c in range(32, 127)] + ["\n"])})
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
 
 
 def _records(n=40):

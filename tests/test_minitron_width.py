@@ -158,7 +158,7 @@ def test_prune_save_reload_and_generate(saved_gqa, capsys, hidden, ffn, heads):
 
 def test_a_hidden_size_that_is_no_multiple_of_the_heads(tmp_path):
     """The method has no such limit; saving needs the per-layer config to accept it."""
-    from methods.modeling_lpc_llama import LpcLlamaConfig
+    from methods.modeling_lpc import LpcLlamaConfig
     from methods.core.models import load_model, save_checkpoint
 
     # Both supported transformers lines (4.43, 5.x) take an explicit head_dim that does not divide

@@ -162,7 +162,7 @@ def test_key_value_groups_are_gated_and_removed_whole():
 def test_a_target_whose_heads_do_not_fill_the_hidden_size_saves_per_layer(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from methods.modeling_lpc_llama import register
+    from methods.modeling_lpc import register
 
     model = tiny_llama(num_kv_heads=2, num_hidden_layers=4)
     target = {**TARGET, "hidden_size": 24}     # 2 heads of 8 = 16 != 24: transformers < 4.45 cannot say so

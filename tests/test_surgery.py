@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from methods import surgery
 from methods.core.errors import UsageError
-from methods.modeling_lpc_llama import LpcLlamaForCausalLM
+from methods.modeling_lpc import LpcLlamaForCausalLM
 from methods.core.models import dtype_kwarg, load_model, save_checkpoint
 from tests.conftest import golden_path, tiny_llama
 

@@ -155,7 +155,7 @@ def test_a_per_layer_width_checkpoint_trains_saves_and_reloads(workspace, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from methods import surgery
-    from methods.modeling_lpc_llama import register
+    from methods.modeling_lpc import register
 
     model = tiny_llama(num_kv_heads=2, vocab_size=128, max_position_embeddings=64)
     surgery.keep_heads(model.model.layers[0], [0, 1], [0])

@@ -172,7 +172,8 @@ def recover(model: nn.Module, tokenizer, spec: dict, *, device: str = "cpu", see
     model.to(target)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     torch.manual_seed(seed)  # LoRA A init and dropout
-    peft_model = _attach(model, recipe)
+    targets = stored_targets(model, recipe.targets)
+    peft_model = _attach(model, targets, recipe)
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]
     try:
         log = _train(peft_model, lora_params, train, val, recipe, target, seed,
@@ -191,7 +192,7 @@ def recover(model: nn.Module, tokenizer, spec: dict, *, device: str = "cpu", see
         "kind": "lora", **provenance,
         "examples": {"train": len(train), "val": len(val)},
         "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(recipe).items()},
-        "seed": seed, "device": str(target),
+        "adapted_modules": targets, "seed": seed, "device": str(target),
         "trainable_parameters": sum(p.numel() for p in lora_params),
         **{k: v for k, v in log.items() if k != "best_state"},
         "seconds": round(time.perf_counter() - start, 3),
@@ -199,17 +200,32 @@ def recover(model: nn.Module, tokenizer, spec: dict, *, device: str = "cpu", see
     return report
 
 
-def _attach(model: nn.Module, recipe: LoraRecipe):
+def stored_targets(model: nn.Module, targets) -> List[str]:
+    """The target names as the model's architecture stores them: a projection fused with others into
+    one Linear (Phi-3's q, k, v in qkv_proj, gate and up in gate_up_proj) is adapted as that Linear, one
+    adapter of rank r over the fused rows rather than one per projection."""
+    from methods.anatomy import anatomy_of
+    from methods.architectures import PARTS, SEPARATE
+
+    try:
+        anatomy = anatomy_of(model)
+    except UsageError:
+        return list(targets)
+    stored = {SEPARATE[p].rsplit(".", 1)[-1]: anatomy.projections[p].rsplit(".", 1)[-1] for p in PARTS}
+    return list(dict.fromkeys(stored.get(t, t) for t in targets))
+
+
+def _attach(model: nn.Module, targets: List[str], recipe: LoraRecipe):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UsageError("LoRA recovery needs the 'peft' package: pip install peft") from None
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in recipe.targets if t not in present]
+    missing = [t for t in targets if t not in present]
     if missing:
         raise UsageError(f"LoRA targets {', '.join(missing)} match no Linear of the model")
     config = LoraConfig(r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
-                        target_modules=list(recipe.targets), bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         # peft asks transformers 5 for a renamed attribute; the deprecation notice is peft's to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

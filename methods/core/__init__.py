@@ -11,6 +11,7 @@
     numerics     the precision statistics accumulate in
     assets/      the smoke profile's shipped data: text, the multiple-choice task, instruction data
 
-It imports nothing else of the kit, and its modules import torch and transformers only where used, so
-that `lpc --help` and a refused command stay fast.
+It imports nothing above it (loading a model registers the kit's per-layer checkpoint formats,
+methods/modeling_lpc.py), and its modules import torch and transformers only where used, so that
+`lpc --help` and a refused command stay fast.
 """

@@ -68,7 +68,7 @@ def read_config(path: str, flag: str = "--model", revision: Optional[str] = None
     """A checkpoint's transformers config (the kit's `lpc_llama` included), or one line naming the flag."""
     from transformers import AutoConfig
 
-    from methods.modeling_lpc_llama import register
+    from methods.modeling_lpc import register
 
     register()  # structurally pruned checkpoints of this kit load without trust_remote_code
     try:
@@ -107,7 +107,7 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
 def _check_causal_lm(path: str, revision: Optional[str]) -> None:
     from transformers import AutoConfig
 
-    from methods.modeling_lpc_llama import register
+    from methods.modeling_lpc import register
 
     register()  # structurally pruned checkpoints of this kit load without trust_remote_code
     try:

@@ -107,7 +107,7 @@ def hf_config_object(hf_dir: Path):
     """The transformers config of a kit checkpoint (the kit's lpc_llama class registered)."""
     from transformers import AutoConfig
 
-    from methods.modeling_lpc_llama import register
+    from methods.modeling_lpc import register
 
     register()
     return AutoConfig.from_pretrained(str(hf_dir))
@@ -277,9 +277,10 @@ def to_hf(mt_dir: Path, out: Path) -> Path:
         mt_to_hf.main(["lpc", base_yml(), *maxtext_args(overrides)])
         _retie(staging, mtconfig.is_tied(json.loads((mt_dir / HF_SUBDIR / "config.json").read_text())))
         if hf_config.model_type == "lpc_llama":
-            import methods.modeling_lpc_llama as lpc_llama
+            from methods.modeling_lpc import source_files
 
-            shutil.copy2(lpc_llama.__file__, staging / Path(lpc_llama.__file__).name)
+            for source in source_files():
+                shutil.copy2(source, staging / source.name)
             # MaxText writes to_json_file(), which leaves out the auto_map that lets plain transformers
             # load the class with trust_remote_code; the source config carries it.
             source = json.loads((mt_dir / HF_SUBDIR / "config.json").read_text())
