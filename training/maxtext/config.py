@@ -25,24 +25,6 @@ from methods.core.errors import UsageError
 LLAMA31_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 
-# The collection's MaxText runs (continued pre-training on DCLM, TPU v4/v5p/v6e pods).
-COLLECTION_TRAINING = {
-    "max_target_length": 8192,
-    "global_batch": 512,
-    "learning_rate": 3e-4,
-    "warmup_fraction": 0.05,
-    "warmup_cap": 2000,
-    "final_lr_fraction": 0.1,
-    "adam_b1": 0.9,
-    "adam_b2": 0.95,
-    "adam_eps": 1e-8,
-    "adam_weight_decay": 0.1,
-    "gradient_clipping_threshold": 1.0,
-    "remat_policy": "full",
-    "scan_layers": True,
-    "ici_fsdp_parallelism": -1,
-}
-
 
 def read_hf_config(model_dir: Path) -> Dict[str, Any]:
     path = Path(model_dir) / "config.json"
