@@ -20,22 +20,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from jobman import __version__
 from jobman.errors import BackendError, UsageError
-from jobman.spec import BACKENDS, add_submit_options, build_spec, merge_options, parse_directives
+from jobman.spec import BACKENDS, RaisingParser, add_submit_options, build_spec, merge_options, parse_directives
 from jobman.store import ALL_STATES, TERMINAL_STATES, Store, display_id
 
 SUBMIT_DESTS = ("name", "accelerator", "nodes", "env", "secrets", "image", "setup", "workdir", "retries",
                 "array", "dependency", "backend", "spot", "queued", "infra", "partition", "time_limit")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jobman", description="Slurm-style jobs on local processes, SkyPilot or Slurm.")
+    p = RaisingParser(prog="jobman", description="Slurm-style jobs on local processes, SkyPilot or Slurm.")
     p.add_argument("--version", action="version", version="jobman " + __version__)
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=RaisingParser)
 
     s = sub.add_parser("submit", help="submit a script or a command (sbatch)")
     add_submit_options(s)
@@ -219,7 +214,7 @@ def cmd_queue(ns: argparse.Namespace) -> int:
 
     store = Store()
     try:
-        api.refresh(store)
+        api.refresh_or_warn(store)
         rows = _select(store, ns, active_only=not ns.all)
         if ns.json:
             print(api.dumps([api.describe(r, store) for r in rows]))
@@ -238,7 +233,7 @@ def cmd_show(ns: argparse.Namespace) -> int:
 
     store = Store()
     try:
-        api.refresh(store)
+        api.refresh_or_warn(store)
         rows = api.resolve_refs(store, [ns.job])
         views = [api.describe(r, store) for r in rows]
         if ns.json:
@@ -272,7 +267,7 @@ def cmd_acct(ns: argparse.Namespace) -> int:
 
     store = Store()
     try:
-        api.refresh(store)
+        api.refresh_or_warn(store)
         rows = _select(store, ns, active_only=False)
         if ns.json:
             print(api.dumps([api.describe(r, store) for r in rows]))

@@ -73,7 +73,7 @@ class JobSpec:
 # argument parsing shared by the CLI and the directives
 
 
-class _RaisingParser(argparse.ArgumentParser):
+class RaisingParser(argparse.ArgumentParser):
     """An ArgumentParser that raises UsageError instead of printing usage and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -114,7 +114,7 @@ _DIRECTIVE_PARSER: Optional[argparse.ArgumentParser] = None
 def _directive_parser() -> argparse.ArgumentParser:
     global _DIRECTIVE_PARSER
     if _DIRECTIVE_PARSER is None:
-        p = _RaisingParser(prog="#JOBMAN", add_help=False)
+        p = RaisingParser(prog="#JOBMAN", add_help=False)
         add_submit_options(p)
         _DIRECTIVE_PARSER = p
     return _DIRECTIVE_PARSER
