@@ -119,6 +119,9 @@ def _submit(store: Store, spec: JobSpec) -> List[int]:
             raise UsageError("dependency on job %s, which does not exist" % ref)
     name = spec.name or os.path.basename(spec.script_name or (spec.argv[0] if spec.argv else "job"))
     remote = spec.backend != "local"
+    missing = [k for k in spec.secrets if k not in os.environ]
+    if remote and missing:  # an engine takes the value from this very environment
+        raise UsageError("secret %s is not set in this shell's environment" % missing[0])
     needs_launcher = remote and bool(spec.dependencies) and not _engine_knows_deps(store, spec)
     token = uuid.uuid4().hex  # the runners or the launcher claim the rows with it; Slurm carries it too
     ids: List[int] = []

@@ -184,9 +184,6 @@ class SkyPilotBackend(Backend):
         sky = self._sky()
         for row in rows:
             spec = JobSpec.from_dict(row_spec(row))
-            missing = [k for k in spec.secrets if k not in os.environ]
-            if missing:
-                raise UsageError("secret %s is not set in this shell's environment" % missing[0])
             job_id = row["array_id"] if row["array_id"] is not None else row["id"]
             cfg = task_config(spec, job_id, row["array_task"], name=row["name"])
             task = load_task(cfg, {k: os.environ[k] for k in spec.secrets})

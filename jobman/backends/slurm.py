@@ -276,9 +276,6 @@ class SlurmBackend(Backend):
     def launch(self, store: Any, rows: List[Any]) -> Iterator[Tuple[int, Dict[str, Any]]]:
         first = rows[0]
         spec = JobSpec.from_dict(row_spec(first))
-        missing = [k for k in spec.secrets if k not in os.environ]
-        if missing:
-            raise UsageError("secret %s is not set in this shell's environment" % missing[0])
         script_path = None
         if spec.script is not None:
             p = store.home / "jobs" / str(first["id"]) / "script"

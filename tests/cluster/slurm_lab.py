@@ -104,9 +104,9 @@ class Lab:
     def daemons(self) -> Dict[str, Dict]:
         return json.loads(self.pids.read_text()) if self.pids.exists() else {}
 
-    def _record(self, name: str, proc: subprocess.Popen) -> None:
+    def _record(self, name: str, proc: subprocess.Popen, argv: List[str]) -> None:
         d = self.daemons()
-        d[name] = {"pid": proc.pid, "start": _pid_start(proc.pid)}
+        d[name] = {"pid": proc.pid, "start": _pid_start(proc.pid), "argv": argv}
         tmp = self.pids.with_suffix(".tmp")
         tmp.write_text(json.dumps(d, indent=1))
         os.replace(tmp, self.pids)
@@ -120,7 +120,7 @@ class Lab:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                 start_new_session=True, close_fds=True)
         out.close()
-        self._record(name, proc)
+        self._record(name, proc, argv)
         return proc
 
     def _wait(self, what: str, check, proc: Optional[subprocess.Popen] = None, timeout: float = 90.0) -> None:
@@ -137,7 +137,7 @@ class Lab:
         return subprocess.run(list(argv), capture_output=True, env=self.env, timeout=30).returncode == 0
 
     # -- start ---------------------------------------------------------------------------------
-    def start(self, cpus: int = 8, memory_mb: int = 8192) -> None:
+    def start(self, cpus: int = 4, memory_mb: int = 16384) -> None:
         if any(_alive(d["pid"], d["start"]) for d in self.daemons().values()):
             raise LabError("a cluster already runs from %s; stop it first" % self.root)
         for sub in ("etc", "log", "run", "munge", "ctld", "slurmd", "mysql"):
@@ -214,6 +214,15 @@ class Lab:
                 "ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{pw}';"
                 "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';").format(pw=values["db_password"])
         subprocess.run(sql, input=stmt, text=True, check=True, capture_output=True, timeout=60)
+
+    def stop_daemon(self, name: str) -> None:
+        """Stop one daemon by its recorded pid (a fault the tier injects); `start_daemon` brings it back."""
+        _terminate(name, **_ps(self.daemons()[name]))
+
+    def start_daemon(self, name: str) -> None:
+        p = self._spawn(name, self.daemons()[name]["argv"])
+        if name == "slurmctld":
+            self._wait("slurmctld", lambda: self._ok("scontrol", "ping"), p)
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
