@@ -150,6 +150,8 @@ def plan(recipe: Recipe, table, rows: List[str], *, results_root: Path, work: Pa
         evals.append(job)
         if row == DENSE and dense_gate:
             gate = job
+    if not jobs:  # every stage is done: a rerun submits nothing (`lpc diff` reads what is there)
+        return jobs
     jobs.append(Job(f"{base}-diff", ["diff", recipe.method, "--profile", recipe.profile, "--results-dir",
                                      str(results), "--table", str(recipe.table), "--rows", ",".join(rows)],
                     after=evals, kind="afterany"))

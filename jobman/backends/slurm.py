@@ -172,7 +172,7 @@ def merge_views(live: Optional[Dict[str, Dict[str, Any]]], acct: Optional[Dict[s
         if rec.get("state") is None:
             continue
         if rec["state"] == FAILED and rec.pop("oom", False):
-            rec["state"] = OUT_OF_MEMORY
+            rec.update(state=OUT_OF_MEMORY, reason="a step ran out of memory")
         rec.pop("oom", None)
         out[bid] = rec
     return out

@@ -1,8 +1,8 @@
 """The cluster tier: tests against the live one-node Slurm that `make test-cluster` starts.
 
 `make test-cluster` starts the cluster (tests/cluster/slurm_lab.py), sets LPC_CLUSTER to its
-directory, runs this folder and stops the cluster. Without LPC_CLUSTER every test here skips with
-one line. Each test says what it checked through the `checked` fixture; the lines are printed at the
+directory, runs this folder and stops the cluster. Without LPC_CLUSTER the `lab` fixture skips
+every test here for one reason (one line under pytest -rs). Each test says what it checked through the `checked` fixture; the lines are printed at the
 end of the run under "cluster tier: what was checked".
 """
 from __future__ import annotations
@@ -26,15 +26,6 @@ CLUSTER = os.environ.get("LPC_CLUSTER")
 _CHECKED = []
 
 
-def pytest_collection_modifyitems(config, items):
-    if CLUSTER:
-        return
-    skip = pytest.mark.skip(reason="cluster tier not requested: `make test-cluster` runs it against a live Slurm")
-    for item in items:
-        if HERE in Path(str(item.fspath)).parents:
-            item.add_marker(skip)
-
-
 def pytest_report_header(config):
     if CLUSTER:
         version = subprocess.run(["sinfo", "--version"], capture_output=True, text=True,
@@ -52,6 +43,8 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def lab():
+    if not CLUSTER:
+        pytest.skip("cluster tier not requested: `make test-cluster` runs it against a live Slurm")
     lab = Lab(Path(CLUSTER))
     os.environ["SLURM_CONF"] = str(lab.etc / "slurm.conf")
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)

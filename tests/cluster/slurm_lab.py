@@ -137,7 +137,9 @@ class Lab:
         return subprocess.run(list(argv), capture_output=True, env=self.env, timeout=30).returncode == 0
 
     # -- start ---------------------------------------------------------------------------------
-    def start(self, cpus: int = 4, memory_mb: int = 16384) -> None:
+    def start(self, cpus: int = 4, memory_mb: int = 32768) -> None:
+        """The node declares `cpus` and `memory_mb` whatever the machine has (config_overrides): a
+        job gets one CPU and a memory cap of memory_mb / cpus (a smoke training run peaks near 6 GB)."""
         if any(_alive(d["pid"], d["start"]) for d in self.daemons().values()):
             raise LabError("a cluster already runs from %s; stop it first" % self.root)
         for sub in ("etc", "log", "run", "munge", "ctld", "slurmd", "mysql"):

@@ -47,6 +47,7 @@ def test_every_terminal_state_and_exit_code():
         "oom": ("OUT_OF_MEMORY", 1), "timeout": ("TIMEOUT", 0), "cancelled_running": ("CANCELLED", 0),
         "pending_dependency": ("CANCELLED", 0), "node_fail": ("NODE_FAIL", 0),
         "node_fail_requeued": ("COMPLETED", 0)}
+    assert r[JOBS["oom"]]["reason"] == "a step ran out of memory"
     assert r[JOBS["cancelled_running"]]["signal"] == 0
     assert r[JOBS["pending_dependency"]]["reason"] == "DependencyNeverSatisfied"
     assert r[JOBS["pending_dependency"]]["start_time"] is None
