@@ -15,7 +15,6 @@ Invariants (see `jobman.store` for the transactions):
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,11 +25,11 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Text
 
 from jobman import proc
 from jobman.accelerators import parse_accelerator
-from jobman.backends import get_backend
+from jobman.backends import Backend
 from jobman.errors import BackendError, UsageError
 from jobman.spec import BACKENDS, JobSpec
 from jobman.store import (ACTIVE_STATES, CANCELLED, COMPLETED, FAILED, NODE_FAIL, PENDING, RUNNING, TERMINAL_STATES,
-                          Store, current_user, row_deps, row_spec)
+                          Store, current_user, row_spec)
 
 __all__ = ["JobSpec", "Store", "submit", "cancel", "requeue", "wait", "refresh", "logs"]
 
@@ -52,6 +51,24 @@ def poll_interval() -> float:
 def remote_interval() -> float:
     """Seconds between two questions to a remote engine (sacct, sky jobs queue) while waiting."""
     return float(os.environ.get("JOBMAN_REMOTE_POLL", "15"))
+
+
+_BACKENDS: Dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object for `name`; each engine's module is imported on first use only."""
+    if name not in _BACKENDS:
+        if name == "local":
+            from jobman.backends.local import LocalBackend as cls
+        elif name == "skypilot":
+            from jobman.backends.skypilot import SkyPilotBackend as cls
+        elif name == "slurm":
+            from jobman.backends.slurm import SlurmBackend as cls
+        else:
+            raise UsageError("unknown backend %r (choose %s)" % (name, ", ".join(BACKENDS)))
+        _BACKENDS[name] = cls()
+    return _BACKENDS[name]
 
 
 @contextmanager
@@ -404,16 +421,3 @@ def dependency_state(store: Store, deps: Sequence[Sequence[str]]) -> str:
             if not done:
                 result = "wait"
     return result
-
-
-def describe(row: Any, store: Store) -> Dict[str, Any]:
-    """A JSON-able view of one job for ``show``/``acct --json`` (no secret values exist to leak)."""
-    d = {k: row[k] for k in row.keys() if k not in ("token", "spec", "deps")}
-    d["spec"] = row_spec(row)
-    d["dependencies"] = row_deps(row)
-    d["attempt_list"] = [dict(a) for a in store.attempts(row["id"])]
-    return d
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

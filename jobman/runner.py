@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from jobman import proc
 from jobman.api import dependency_state, launch, poll_interval, refresh, remote_interval
+from jobman.spec import JobSpec
 from jobman.store import (ACTIVE_STATES, CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, Store, display_id,
                           row_deps, row_spec)
 
@@ -118,26 +119,6 @@ def job_environment(row: Any, spec: Dict[str, Any], attempt: int) -> Dict[str, s
     return env
 
 
-def job_argv(store: Store, row: Any, spec: Dict[str, Any]) -> List[str]:
-    """The argument vector to exec. A script is written (0700) under $JOBMAN_HOME/jobs/<id>/ from
-    the copy taken at submit time and run by its #! line (``/bin/sh`` if it has none)."""
-    if spec.get("script") is None:
-        return list(spec["argv"])
-    d = store.home / "jobs" / str(row["id"])
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = d / "script"
-    text = spec["script"]
-    tmp = d / "script.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o700)
-    os.replace(tmp, path)
-    args = list(spec["argv"][1:])
-    if text.startswith("#!"):
-        return [str(path)] + args
-    return ["/bin/sh", str(path)] + args
-
-
 def _run_local(store: Store, jid: int) -> None:
     row = store.get(jid)
     spec = row_spec(row)
@@ -157,7 +138,8 @@ def _run_local(store: Store, jid: int) -> None:
         cur = store.get(jid)
         if cur["state"] != RUNNING:
             return
-        argv = job_argv(store, cur, spec)
+        job = JobSpec.from_dict(spec)
+        argv = job.command(str(store.write_script(jid, job.script)) if job.script is not None else None)
         env = job_environment(cur, spec, n)
         if max_attempts > 1 or base:
             _log(log_path, "attempt %d (%d of %d) starting" % (n, i + 1, max_attempts))

@@ -56,6 +56,13 @@ class JobSpec:
     time_limit: Optional[str] = None  # Slurm --time
     submit_dir: Optional[str] = None  # where `jobman submit` ran; the default working directory
 
+    def command(self, script_path: Optional[str] = None) -> List[str]:
+        """The argument vector to run: the command, or the script's stored copy at `script_path`,
+        run by its #! line (``/bin/sh`` without one), with the script's arguments."""
+        if self.script is None:
+            return list(self.argv)
+        return ([script_path] if self.script.startswith("#!") else ["/bin/sh", script_path]) + self.argv[1:]
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["dependencies"] = [list(x) for x in self.dependencies]

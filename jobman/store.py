@@ -144,6 +144,16 @@ class Store:
         else:
             self.conn.execute("COMMIT")
 
+    def write_script(self, job_id: int, text: str) -> Path:
+        """The copy of a job's script taken at submit time, as a file the job runs (0700)."""
+        path = self.home / "jobs" / str(job_id) / "script"
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, path)
+        return path
+
     def get(self, job_id: int) -> Optional[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
 

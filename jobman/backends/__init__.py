@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from jobman.errors import UsageError
-
 
 class Backend:
     name = "base"
@@ -51,20 +49,3 @@ class Backend:
 
     def adopt(self, store: Any, row: Any) -> Optional[Dict[str, Any]]:
         return None
-
-
-_CACHE: Dict[str, Backend] = {}
-
-
-def get_backend(name: str) -> Backend:
-    if name not in _CACHE:
-        if name == "local":
-            from jobman.backends.local import LocalBackend as cls
-        elif name == "skypilot":
-            from jobman.backends.skypilot import SkyPilotBackend as cls
-        elif name == "slurm":
-            from jobman.backends.slurm import SlurmBackend as cls
-        else:
-            raise UsageError("unknown backend %r (choose local, skypilot or slurm)" % name)
-        _CACHE[name] = cls()
-    return _CACHE[name]

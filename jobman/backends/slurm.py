@@ -24,7 +24,6 @@ FAILED; jobman reports OUT_OF_MEMORY).
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import re
 import shlex
 import subprocess
@@ -214,11 +213,7 @@ def batch_script(spec: Any, name: str, output: str, script_path: Optional[str] =
     lines.append('export JOBMAN_ARRAY_TASK_ID="${SLURM_ARRAY_TASK_ID:-}"')
     for s in spec.secrets or []:
         lines.append('if [ -z "${%s+x}" ]; then echo "jobman: secret %s is not set" >&2; exit 1; fi' % (s, s))
-    if script_path is not None:
-        shebang = (spec.script or "").startswith("#!")
-        cmd = ([script_path] if shebang else ["/bin/sh", script_path]) + list(spec.argv[1:])
-    else:
-        cmd = list(spec.argv)
+    cmd = spec.command(script_path)
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if spec.image:
         srun.append("--container-image=%s" % spec.image)  # pyxis/enroot
@@ -276,13 +271,7 @@ class SlurmBackend(Backend):
     def launch(self, store: Any, rows: List[Any]) -> Iterator[Tuple[int, Dict[str, Any]]]:
         first = rows[0]
         spec = JobSpec.from_dict(row_spec(first))
-        script_path = None
-        if spec.script is not None:
-            p = store.home / "jobs" / str(first["id"]) / "script"
-            p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            p.write_text(spec.script)
-            os.chmod(p, 0o700)
-            script_path = str(p)
+        script_path = str(store.write_script(first["id"], spec.script)) if spec.script is not None else None
         array = first["array_id"] is not None
         output = str(store.home / "logs" / ("slurm-%A_%a.out" if array else "slurm-%j.out"))
         text = batch_script(spec, first["name"], output, script_path, self._dependency(store, spec))
@@ -315,14 +304,14 @@ class SlurmBackend(Backend):
 
     def adopt(self, store: Any, row: Any) -> Optional[Dict[str, Any]]:
         marker = _marker(row)
-        found = None
+        found, unsure = None, None
         try:
             for line in _run(["squeue", "--noheader", "--states=all", "--format=%F|%k"]).splitlines():
                 sid, _, comment = line.strip().partition("|")
                 if comment == marker:
                     found = sid
-        except BackendError:
-            pass
+        except BackendError as e:  # accounting alone may not have the job's SubmitLine yet
+            unsure = e
         if found is None:
             since = _dt.datetime.fromtimestamp(row["submit_time"] - 60).strftime("%Y-%m-%dT%H:%M:%S")
             for line in _run(["sacct", "--parsable2", "--noheader", "--allocations", "--starttime=" + since,
@@ -330,4 +319,6 @@ class SlurmBackend(Backend):
                 sid, _, submit_line = line.partition("|")
                 if "--comment=" + marker in submit_line.split():
                     found = sid.split("_")[0]
+        if found is None and unsure is not None:
+            raise unsure
         return None if found is None else _engine_fields(store, row, found)

@@ -161,9 +161,11 @@ def test_secrets_pass_by_name_only(slurm, lab, checked):
     assert "secret-length=%d" % len(sentinel) in log_of(jid)
     held = subprocess.run(["scontrol", "write", "batch_script", bid, "-"], capture_output=True, text=True).stdout
     assert "LPC_TEST_TOKEN" in held and sentinel not in held
-    submit_line = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs=" + bid,
-                                  "--format=SubmitLine"], capture_output=True, text=True).stdout
-    assert submit_line.strip() and sentinel not in submit_line
+    def submit_line():  # accounting may hold the record a moment before its SubmitLine
+        return subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs=" + bid,
+                               "--format=SubmitLine"], capture_output=True, text=True).stdout.strip()
+
+    assert sentinel not in wait_for(submit_line, timeout=60, what="sacct's SubmitLine")
     places = [f for f in slurm.rglob("*") if f.is_file()] + list((lab.root / "log").glob("*"))
     assert not [str(f) for f in places if sentinel.encode() in f.read_bytes()]
     # declared but not set: refused before Slurm sees anything
