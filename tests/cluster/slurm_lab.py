@@ -147,7 +147,8 @@ class Lab:
         os.chmod(self.root, 0o700)
         self.pids.unlink(missing_ok=True)
         ctld, slurmd, dbd, db = _free_ports(4)
-        cgroup = _cgroup_v1_memory()
+        # LPC_CLUSTER_CGROUP=0 picks the fallback where a cgroup would do, to see what such machines get
+        cgroup = os.environ.get("LPC_CLUSTER_CGROUP") != "0" and _cgroup_v1_memory()
         values = dict(
             state=str(self.root), ctld_port=ctld, slurmd_port=slurmd, dbd_port=dbd, db_port=db,
             munge_socket=str(self.root / "munge" / "munge.socket"), node=socket.gethostname().split(".")[0],
