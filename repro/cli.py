@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "`lpc repro METHOD` runs (or submits) it")
     repro.add_argument("--methods", help="with --all: only these methods (comma-separated)")
     repro.add_argument("--profile", default="smoke", help="paper | smoke")
-    repro.add_argument("--rows", help="comma-separated row ids (default: all); with --all, each method's own among them")
+    repro.add_argument("--rows",
+                       help="comma-separated row ids (default: all); with --all, each method's own among them")
     repro.add_argument("--results-dir", type=Path, default=Path("results/local"))
     repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
     repro.add_argument("--eval-batch-size", metavar="N|auto", help=EVAL_BATCH_HELP)

@@ -30,8 +30,8 @@ def test_all_without_submit_runs_each_method_here(calls, tmp_path):
 
 
 def test_all_gives_each_method_its_own_rows_and_skips_a_method_with_none(calls, tmp_path, capsys):
-    assert main(["repro", "--all", "--methods", "magnitude,wanda,shortgpt,flap", "--rows", "dense,2of4,2of4-sparse,bi-6",
-                 "--submit", "local", "--results-dir", str(tmp_path)]) == 0
+    assert main(["repro", "--all", "--methods", "magnitude,wanda,shortgpt,flap", "--rows",
+                 "dense,2of4,2of4-sparse,bi-6", "--submit", "local", "--results-dir", str(tmp_path)]) == 0
     assert [(c[1], c[4]) for c in calls] == [("magnitude", ["dense", "2of4"]),
                                             ("wanda", ["dense", "2of4", "2of4-sparse"]),
                                             ("shortgpt", ["dense", "bi-6"]), ("flap", ["dense"])]

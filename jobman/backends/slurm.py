@@ -28,7 +28,7 @@ import re
 import shlex
 import subprocess
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from jobman.accelerators import parse_accelerator
 from jobman.backends import Backend
@@ -154,14 +154,19 @@ def parse_squeue(text: str) -> Dict[str, Dict[str, Any]]:
 
 
 def merge_views(live: Optional[Dict[str, Dict[str, Any]]], acct: Optional[Dict[str, Dict[str, Any]]],
-                bids: List[str], now: Optional[float] = None) -> Dict[str, Dict[str, Any]]:
+                bids: List[str], now: Optional[float] = None,
+                running: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
     """One record per engine id from squeue's view (`live`) and sacct's (`acct`); None for a view
     that could not be read. A job slurmctld says has ended waits for accounting to say so too
-    (its exit code and steps are there), for at most ACCOUNTING_LAG_S."""
+    (its exit code and steps are there), for at most ACCOUNTING_LAG_S. Accounting alone (slurmctld
+    away) may not have heard yet that a job started: it never moves one of `running` (the ids
+    jobman last saw running) back to PENDING, since nothing is requeued while slurmctld is away."""
     now = time.time() if now is None else now
     out: Dict[str, Dict[str, Any]] = {}
     for bid in bids:
         q, a = (live or {}).get(bid), (acct or {}).get(bid)
+        if live is None and bid in running and a is not None and a["state"] == PENDING:
+            continue
         rec = dict(a or {})
         if q is not None and q["state"] is not None:
             lagging = acct is not None and (a is None or a["state"] not in TERMINAL_STATES)
@@ -294,7 +299,8 @@ class SlurmBackend(Backend):
                 errors.append(str(e))
         if views[0] is None and views[1] is None:
             raise BackendError("; ".join(errors))
-        return merge_views(views[0], views[1], bids)
+        running = [r["backend_id"] for r in rows if r["state"] == RUNNING]
+        return merge_views(views[0], views[1], bids, running=running)
 
     def cancel(self, row: Any) -> None:
         _run(["scancel", row["backend_id"]])

@@ -2,8 +2,9 @@
 
 `make test-cluster` starts the cluster (tests/cluster/slurm_lab.py), sets LPC_CLUSTER to its
 directory, runs this folder and stops the cluster. Without LPC_CLUSTER the `lab` fixture skips
-every test here for one reason (one line under pytest -rs). Each test says what it checked through the `checked` fixture; the lines are printed at the
-end of the run under "cluster tier: what was checked".
+every test here for one reason (one line under pytest -rs). Each test says what it checked
+through the `checked` fixture; the lines are printed at the end of the run under "cluster tier:
+what was checked".
 """
 from __future__ import annotations
 

@@ -207,7 +207,8 @@ class Lab:
         p = self._spawn("mariadbd", [
             shutil.which("mariadbd") or "/usr/sbin/mariadbd", "--no-defaults", "--datadir=%s" % data,
             "--socket=%s" % sock, "--port=%d" % values["db_port"], "--bind-address=127.0.0.1", "--user=root",
-            "--pid-file=%s" % (self.root / "run" / "mariadbd.pid"), "--log-error=%s" % (self.root / "log" / "mariadb.log"),
+            "--pid-file=%s" % (self.root / "run" / "mariadbd.pid"),
+            "--log-error=%s" % (self.root / "log" / "mariadb.log"),
             "--skip-name-resolve", "--innodb-buffer-pool-size=64M", "--innodb-lock-wait-timeout=900",
             "--innodb-log-file-size=48M", "--max-connections=50"])
         sql = ["mariadb", "--no-defaults", "-S", str(sock), "-uroot"]

@@ -136,7 +136,8 @@ def test_over_its_time_limit_is_timeout(slurm, checked):
     r = row(jid)
     assert r["state"] == "TIMEOUT" and sacct_job(r["backend_id"])["State"] == "TIMEOUT"
     assert acct_line(jid)["State"] == "TIMEOUT"
-    checked("--time 0:05 under sleep 300 -> TIMEOUT after %.0f s (jobman and sacct)" % (r["end_time"] - r["start_time"]))
+    checked("--time 0:05 under sleep 300 -> TIMEOUT after %.0f s (jobman and sacct)"
+            % (r["end_time"] - r["start_time"]))
 
 
 def test_over_its_memory_limit_is_out_of_memory(slurm, lab, checked):

@@ -89,6 +89,16 @@ def test_without_slurmctld_accounting_answers():
     assert r[ARRAY[2]]["state"] == "PENDING"
 
 
+def test_accounting_alone_never_moves_a_running_job_back_to_pending():
+    _, a = views("live")
+    pending = JOBS["pending_dependency"]
+    assert merge_views(None, a, [pending])[pending]["state"] == "PENDING"
+    # jobman saw it running just before slurmctld went away; accounting has not heard of the start yet
+    assert merge_views(None, a, [pending], running=[pending]) == {}
+    q, _ = views("live")
+    assert merge_views(q, a, [pending], running=[pending])[pending]["state"] == "PENDING"  # slurmctld's word
+
+
 def test_an_end_waits_for_accounting_then_is_taken_alone():
     q, _ = views("final")
     _, behind = views("live")  # accounting still saying RUNNING for the jobs that ended since
