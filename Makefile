@@ -24,11 +24,12 @@ export LPC_CACHE
 # docker when an engine and the method's image are present, else the local venv.
 RUNTIME ?= auto
 
-.PHONY: help setup smoke-model test test-tf443 test-jobman test-maxtext test-all test-container smoke bench report diff-committed clean
+.PHONY: help setup smoke-model test test-tf443 test-jobman test-maxtext test-all test-container test-cluster \
+        cluster-collection smoke bench report diff-committed clean
 
 help:
 	@echo "make repro-<method> PROFILE=smoke|paper [RUNTIME=local|docker]   methods: $(METHODS)"
-	@echo "make test | test-all | test-container | smoke | bench | report | setup | smoke-model"
+	@echo "make test | test-all | test-container | test-cluster | cluster-collection | smoke | bench | report | setup | smoke-model"
 	@echo "make image-<method> | pull-<method>            images: $(IMAGE_FAMILIES)"
 	@echo "make images | image-<image> | image-smoke-<image> | lock-<image> | push-<image> REGISTRY=host[:port]/namespace"
 
@@ -104,6 +105,27 @@ test-all: setup
 # pushes to / pulls from a registry on 127.0.0.1; needs root, podman and hours on 2 cores.
 test-container: $(VENV)/.stamp $(SMOKE_MODEL)
 	$(VENV)/bin/python -m pytest -q -m container --ignore=tests/jobman
+
+# ---- the cluster tier -----------------------------------------------------------------------
+# jobman and the collection against a live one-node Slurm on 127.0.0.1 (munge, MariaDB, slurmdbd,
+# slurmctld, slurmd; config in jobman/cluster/): installs Debian's Slurm 22.05 packages when missing,
+# starts the daemons, runs tests/cluster, and stops every process it started, by pid, whatever the
+# tests did. Needs root. PYTHONPATH: this checkout, whatever the venvs were installed from.
+CLUSTER_DIR ?= build/cluster
+CLUSTER_TESTS ?= tests/cluster
+CLUSTER_ENV = LPC_CLUSTER=$(abspath $(CLUSTER_DIR)) SLURM_CONF=$(abspath $(CLUSTER_DIR))/etc/slurm.conf \
+              LPC_MAIN_PYTHON=$(abspath $(VENV))/bin/python PYTHONPATH=$(CURDIR)
+with_cluster = $(PYTHON) tests/cluster/slurm_lab.py install && \
+	trap '$(PYTHON) tests/cluster/slurm_lab.py stop --dir $(CLUSTER_DIR)' EXIT && trap 'exit 130' INT TERM && \
+	$(PYTHON) tests/cluster/slurm_lab.py start --dir $(CLUSTER_DIR) && $(CLUSTER_ENV) $(1)
+
+test-cluster: $(VENVJOB)/.stamp $(VENV)/.stamp $(SMOKE_MODEL)
+	$(call with_cluster,$(VENVJOB)/bin/python -m pytest -v -rs $(CLUSTER_TESTS))
+
+# The whole collection (every method's PROFILE) through the tier's Slurm, timed; hours on 2 cores.
+cluster-collection: $(VENV)/.stamp $(SMOKE_MODEL)
+	$(call with_cluster,JOBMAN_HOME=$(abspath $(CLUSTER_DIR))/jobman \
+	  $(VENV)/bin/python tests/cluster/run_collection.py --profile $(PROFILE) --results-dir results/cluster)
 
 # ---- reproduction ---------------------------------------------------------------------------
 include docker/images.mk

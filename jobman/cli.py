@@ -15,27 +15,23 @@ import datetime as _dt
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from jobman import __version__
+from jobman import __version__, api
 from jobman.errors import BackendError, UsageError
-from jobman.spec import BACKENDS, add_submit_options, build_spec, merge_options, parse_directives
-from jobman.store import ALL_STATES, TERMINAL_STATES, Store, display_id
+from jobman.spec import BACKENDS, RaisingParser, add_submit_options, build_spec, merge_options, parse_directives
+from jobman.store import ALL_STATES, TERMINAL_STATES, Store, display_id, row_deps, row_spec
 
 SUBMIT_DESTS = ("name", "accelerator", "nodes", "env", "secrets", "image", "setup", "workdir", "retries",
                 "array", "dependency", "backend", "spot", "queued", "infra", "partition", "time_limit")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jobman", description="Slurm-style jobs on local processes, SkyPilot or Slurm.")
+    p = RaisingParser(prog="jobman", description="Slurm-style jobs on local processes, SkyPilot or Slurm.")
     p.add_argument("--version", action="version", version="jobman " + __version__)
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=RaisingParser)
 
     s = sub.add_parser("submit", help="submit a script or a command (sbatch)")
     add_submit_options(s)
@@ -94,8 +90,6 @@ def _split_dashdash(argv: List[str]) -> Tuple[List[str], Optional[List[str]]]:
 
 
 def cmd_submit(ns: argparse.Namespace, command: Optional[List[str]]) -> int:
-    from jobman import api
-
     cli_opts = {k: getattr(ns, k, None) for k in SUBMIT_DESTS}
     script_text, script_name, argv = None, None, []  # type: Optional[str], Optional[str], List[str]
     sources = sum(x is not None for x in (command, ns.wrap, ns.script))
@@ -124,11 +118,9 @@ def cmd_submit(ns: argparse.Namespace, command: Optional[List[str]]) -> int:
     opts = merge_options(directives, cli_opts)
     spec = build_spec(opts, argv, script=script_text, script_name=script_name)
     if ns.dry_run:
-        from jobman.backends import get_backend
-
         spec.backend = api.default_backend(spec)
         spec.submit_dir = os.getcwd()
-        b = get_backend(spec.backend)
+        b = api.get_backend(spec.backend)
         b.validate(spec)
         sys.stdout.write(b.render(spec, 0, spec.array[0] if spec.array else None))
         return 0
@@ -146,8 +138,6 @@ def cmd_submit(ns: argparse.Namespace, command: Optional[List[str]]) -> int:
 
 
 def _select(store: Store, ns: argparse.Namespace, active_only: bool) -> List[Any]:
-    from jobman import api
-
     where, params = ["1"], []  # type: List[str], List[Any]
     if ns.jobs:
         rows = api.resolve_refs(store, [j for j in ns.jobs.split(",") if j.strip()])
@@ -182,8 +172,6 @@ def _fmt_time(t: Optional[float]) -> str:
 
 
 def _fmt_elapsed(start: Optional[float], end: Optional[float]) -> str:
-    import time
-
     if start is None:
         return "00:00:00"
     secs = int((end if end is not None else time.time()) - start)
@@ -199,10 +187,6 @@ def _fmt_exit(row: Any) -> str:
     return "%d:%d" % (code, row["signal"] or 0)
 
 
-def _accel(row: Any) -> str:
-    return json.loads(row["spec"]).get("accelerator") or "-"
-
-
 def _table(headers: Sequence[str], rows: List[Sequence[str]], out: Any = None) -> None:
     out = out or sys.stdout
     widths = [len(h) for h in headers]
@@ -214,35 +198,41 @@ def _table(headers: Sequence[str], rows: List[Sequence[str]], out: Any = None) -
         out.write((fmt % tuple(str(c) for c in r)).rstrip() + "\n")
 
 
-def cmd_queue(ns: argparse.Namespace) -> int:
-    from jobman import api
+def _describe(row: Any, store: Store) -> Dict[str, Any]:
+    """A JSON-able view of one job for ``show``/``acct --json`` (no secret values exist to leak)."""
+    d = {k: row[k] for k in row.keys() if k not in ("token", "spec", "deps")}
+    d["spec"] = row_spec(row)
+    d["dependencies"] = row_deps(row)
+    d["attempt_list"] = [dict(a) for a in store.attempts(row["id"])]
+    return d
 
-    store = Store()
-    try:
-        api.refresh(store)
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def cmd_queue(ns: argparse.Namespace) -> int:
+    with Store() as store:
+        api.refresh_or_warn(store)
         rows = _select(store, ns, active_only=not ns.all)
         if ns.json:
-            print(api.dumps([api.describe(r, store) for r in rows]))
+            print(_dumps([_describe(r, store) for r in rows]))
             return 0
         _table(["JOBID", "NAME", "USER", "BACKEND", "STATE", "TIME", "ACCEL", "ENGINE_ID", "REASON"],
                [[display_id(r), r["name"][:24], r["user"], r["backend"], r["state"],
-                 _fmt_elapsed(r["start_time"], r["end_time"]), _accel(r), r["backend_id"] or "-",
+                 _fmt_elapsed(r["start_time"], r["end_time"]), json.loads(r["spec"]).get("accelerator") or "-",
+                 r["backend_id"] or "-",
                  r["reason"] or "-"] for r in rows])
         return 0
-    finally:
-        store.close()
 
 
 def cmd_show(ns: argparse.Namespace) -> int:
-    from jobman import api
-
-    store = Store()
-    try:
-        api.refresh(store)
+    with Store() as store:
+        api.refresh_or_warn(store)
         rows = api.resolve_refs(store, [ns.job])
-        views = [api.describe(r, store) for r in rows]
+        views = [_describe(r, store) for r in rows]
         if ns.json:
-            print(api.dumps(views if len(views) > 1 else views[0]))
+            print(_dumps(views if len(views) > 1 else views[0]))
             return 0
         for v in views:
             for k in sorted(v):
@@ -263,19 +253,14 @@ def cmd_show(ns: argparse.Namespace) -> int:
                     (" note=" + a["note"]) if a["note"] else ""))
             print()
         return 0
-    finally:
-        store.close()
 
 
 def cmd_acct(ns: argparse.Namespace) -> int:
-    from jobman import api
-
-    store = Store()
-    try:
-        api.refresh(store)
+    with Store() as store:
+        api.refresh_or_warn(store)
         rows = _select(store, ns, active_only=False)
         if ns.json:
-            print(api.dumps([api.describe(r, store) for r in rows]))
+            print(_dumps([_describe(r, store) for r in rows]))
             return 0
         headers = ["JobID", "JobName", "Backend", "State", "ExitCode", "Start", "End", "Elapsed", "Attempts"]
         lines: List[List[str]] = []
@@ -295,13 +280,9 @@ def cmd_acct(ns: argparse.Namespace) -> int:
         else:
             _table(headers, lines)
         return 0
-    finally:
-        store.close()
 
 
 def cmd_cancel(ns: argparse.Namespace) -> int:
-    from jobman import api
-
     done = api.cancel(ns.jobs)
     for j in done:
         print("Cancelled job %d" % j)
@@ -309,14 +290,10 @@ def cmd_cancel(ns: argparse.Namespace) -> int:
 
 
 def cmd_logs(ns: argparse.Namespace) -> int:
-    from jobman import api
-
     return api.logs(ns.job, follow=ns.follow)
 
 
 def cmd_requeue(ns: argparse.Namespace) -> int:
-    from jobman import api
-
     for j in api.requeue(ns.jobs):
         print("Requeued job %d" % j)
     return 0

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from jobman import proc
-from jobman.api import dependency_state, poll_interval, refresh
-from jobman.backends import get_backend
+from jobman.api import dependency_state, launch, poll_interval, refresh, remote_interval
+from jobman.spec import JobSpec
 from jobman.store import (ACTIVE_STATES, CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, Store, display_id,
                           row_deps, row_spec)
 
@@ -62,7 +62,6 @@ def _wait_for_start(store: Store, row: Any) -> bool:
     spec = row_spec(row)
     limit = spec.get("array_limit") if row["backend"] == "local" else None
     interval = poll_interval()
-    remote_every = float(os.environ.get("JOBMAN_REMOTE_POLL", "30"))
     last_remote = 0.0
     while True:
         cur = store.get(jid)
@@ -90,7 +89,7 @@ def _wait_for_start(store: Store, row: Any) -> bool:
                 return bool(moved)
         elif any(r["backend"] != "local" for _, ref in deps for r in store.resolve(ref)):
             # dependencies on remote jobs change only when someone asks their engine
-            if time.time() - last_remote >= remote_every:
+            if time.time() - last_remote >= remote_interval():
                 try:
                     refresh(store)
                 except Exception as e:  # engine unreachable: keep waiting, say why
@@ -120,26 +119,6 @@ def job_environment(row: Any, spec: Dict[str, Any], attempt: int) -> Dict[str, s
     return env
 
 
-def job_argv(store: Store, row: Any, spec: Dict[str, Any]) -> List[str]:
-    """The argument vector to exec. A script is written (0700) under $JOBMAN_HOME/jobs/<id>/ from
-    the copy taken at submit time and run by its #! line (``/bin/sh`` if it has none)."""
-    if spec.get("script") is None:
-        return list(spec["argv"])
-    d = store.home / "jobs" / str(row["id"])
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = d / "script"
-    text = spec["script"]
-    tmp = d / "script.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o700)
-    os.replace(tmp, path)
-    args = list(spec["argv"][1:])
-    if text.startswith("#!"):
-        return [str(path)] + args
-    return ["/bin/sh", str(path)] + args
-
-
 def _run_local(store: Store, jid: int) -> None:
     row = store.get(jid)
     spec = row_spec(row)
@@ -159,7 +138,8 @@ def _run_local(store: Store, jid: int) -> None:
         cur = store.get(jid)
         if cur["state"] != RUNNING:
             return
-        argv = job_argv(store, cur, spec)
+        job = JobSpec.from_dict(spec)
+        argv = job.command(str(store.write_script(jid, job.script)) if job.script is not None else None)
         env = job_environment(cur, spec, n)
         if max_attempts > 1 or base:
             _log(log_path, "attempt %d (%d of %d) starting" % (n, i + 1, max_attempts))
@@ -241,35 +221,9 @@ def _supervise(store: Store, jid: int, child: Any, cstart: Optional[str]) -> int
         state = store.get(jid)["state"]
         if state == CANCELLED and term_at is None:
             term_at = time.time()
-            _signal_group(child.pid, signal.SIGTERM)
+            proc.signal_group(child.pid, cstart, signal.SIGTERM)
         elif term_at is not None and time.time() - term_at > KILL_GRACE_S:
-            _signal_group(child.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _launch_remote(store: Store, ids: List[int]) -> None:
-    rows = [store.get(i) for i in ids]
-    rows = [r for r in rows if r is not None and r["state"] == PENDING]
-    if not rows:
-        return
-    backend = get_backend(rows[0]["backend"])
-    try:
-        backend.launch(store, rows)
-    except Exception as e:
-        with store.tx() as conn:
-            for r in rows:
-                store.set_state(conn, r["id"], FAILED, reason="launch failed: %s" % str(e).splitlines()[0][:300])
-        raise
-    for r in rows:  # cancelled while we were launching: tell the engine too
-        cur = store.get(r["id"])
-        if cur["state"] == CANCELLED and cur["backend_id"]:
-            backend.cancel(store, cur)
+            proc.signal_group(child.pid, cstart, signal.SIGKILL)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -290,7 +244,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     # remote launcher: one process per submission (a job or a whole array)
     if _wait_for_start(store, first):
-        _launch_remote(store, a.ids)
+        rows = [r for r in (store.get(i) for i in a.ids) if r["state"] == PENDING]
+        if rows:
+            launch(store, rows)
     else:
         cur = store.get(first["id"])
         if cur["state"] == CANCELLED:

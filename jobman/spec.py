@@ -56,6 +56,13 @@ class JobSpec:
     time_limit: Optional[str] = None  # Slurm --time
     submit_dir: Optional[str] = None  # where `jobman submit` ran; the default working directory
 
+    def command(self, script_path: Optional[str] = None) -> List[str]:
+        """The argument vector to run: the command, or the script's stored copy at `script_path`,
+        run by its #! line (``/bin/sh`` without one), with the script's arguments."""
+        if self.script is None:
+            return list(self.argv)
+        return ([script_path] if self.script.startswith("#!") else ["/bin/sh", script_path]) + self.argv[1:]
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["dependencies"] = [list(x) for x in self.dependencies]
@@ -73,7 +80,7 @@ class JobSpec:
 # argument parsing shared by the CLI and the directives
 
 
-class _RaisingParser(argparse.ArgumentParser):
+class RaisingParser(argparse.ArgumentParser):
     """An ArgumentParser that raises UsageError instead of printing usage and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -114,7 +121,7 @@ _DIRECTIVE_PARSER: Optional[argparse.ArgumentParser] = None
 def _directive_parser() -> argparse.ArgumentParser:
     global _DIRECTIVE_PARSER
     if _DIRECTIVE_PARSER is None:
-        p = _RaisingParser(prog="#JOBMAN", add_help=False)
+        p = RaisingParser(prog="#JOBMAN", add_help=False)
         add_submit_options(p)
         _DIRECTIVE_PARSER = p
     return _DIRECTIVE_PARSER

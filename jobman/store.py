@@ -17,42 +17,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-# ----------------------------------------------------------------------------------------------
-# states
-
 PENDING = "PENDING"
 RUNNING = "RUNNING"
-RECOVERING = "RECOVERING"  # the engine is re-provisioning after a preemption (SkyPilot, Slurm requeue)
+RECOVERING = "RECOVERING"  # the engine is re-provisioning after a preemption (SkyPilot)
 COMPLETED = "COMPLETED"
 FAILED = "FAILED"
 CANCELLED = "CANCELLED"
-NODE_FAIL = "NODE_FAIL"  # the thing running the job died (local runner killed, engine controller lost)
+TIMEOUT = "TIMEOUT"  # ran past its time limit (Slurm --time)
+OUT_OF_MEMORY = "OUT_OF_MEMORY"  # killed for exceeding its memory limit (Slurm)
+NODE_FAIL = "NODE_FAIL"  # the thing running the job died (local runner killed, node down, controller lost)
 
 ACTIVE_STATES = (PENDING, RUNNING, RECOVERING)
-TERMINAL_STATES = (COMPLETED, FAILED, CANCELLED, NODE_FAIL)
+TERMINAL_STATES = (COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL)
 ALL_STATES = ACTIVE_STATES + TERMINAL_STATES
 
-# target state -> states it may be entered from. Terminal states are left only by requeue.
+# target state -> states it may be entered from. Terminal states are left only for PENDING (a requeue).
 TRANSITIONS: Dict[str, Sequence[str]] = {
-    PENDING: (RUNNING, RECOVERING) + TERMINAL_STATES,  # back to PENDING: engine requeue, or jobman requeue
+    PENDING: (RUNNING, RECOVERING) + TERMINAL_STATES,
     RUNNING: (PENDING, RECOVERING, RUNNING),
     RECOVERING: (PENDING, RUNNING),
-    COMPLETED: ACTIVE_STATES,
-    FAILED: ACTIVE_STATES,
-    CANCELLED: ACTIVE_STATES,
-    NODE_FAIL: ACTIVE_STATES,
+    **{s: ACTIVE_STATES for s in TERMINAL_STATES},
 }
-
-
-def can_transition(src: str, dst: str) -> bool:
-    return src in TRANSITIONS.get(dst, ())
-
-
-class StaleState(Exception):
-    """A conditional state change found the job in a state it may not leave that way."""
-
-
-# ----------------------------------------------------------------------------------------------
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -97,11 +82,6 @@ CREATE TABLE IF NOT EXISTS attempts (
 """
 
 
-def jobman_home() -> Path:
-    home = os.environ.get("JOBMAN_HOME") or os.path.join(os.path.expanduser("~"), ".jobman")
-    return Path(home)
-
-
 def current_user() -> str:
     try:
         return getpass.getuser()
@@ -110,11 +90,8 @@ def current_user() -> str:
 
 
 def _retry_locked(operation, seconds: float = 60.0):
-    """Run `operation`, retrying while SQLite says the database is locked.
-
-    Two processes opening a fresh database at once both try to switch it to WAL; SQLite answers the
-    loser "database is locked" at once, without waiting on the busy timeout, so we wait ourselves.
-    """
+    """Two processes opening a fresh database at once both switch it to WAL; SQLite answers the
+    loser "database is locked" at once, without waiting on the busy timeout, so we wait ourselves."""
     deadline = time.monotonic() + seconds
     delay = 0.01
     while True:
@@ -131,10 +108,10 @@ class Store:
     """A connection to the job database. Cheap to open; open one per command or process."""
 
     def __init__(self, home: Optional[Path] = None):
-        self.home = Path(home) if home is not None else jobman_home()
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.home / "logs").mkdir(exist_ok=True, mode=0o700)
-        (self.home / "jobs").mkdir(exist_ok=True, mode=0o700)
+        self.home = Path(home if home is not None else
+                         os.environ.get("JOBMAN_HOME") or os.path.join(os.path.expanduser("~"), ".jobman"))
+        for d in (self.home, self.home / "logs", self.home / "jobs"):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = self.home / "jobman.db"
         self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
@@ -144,13 +121,16 @@ class Store:
             raise RuntimeError("could not put %s in WAL mode (got %s)" % (self.path, mode))
         self.conn.execute("PRAGMA synchronous=FULL")
         _retry_locked(lambda: self.conn.executescript(SCHEMA))  # idempotent; autocommit mode
-        try:
-            os.chmod(self.path, 0o600)
-        except OSError:
-            pass
+        os.chmod(self.path, 0o600)
 
     def close(self) -> None:
         self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -164,7 +144,15 @@ class Store:
         else:
             self.conn.execute("COMMIT")
 
-    # -- reads --------------------------------------------------------------------------------
+    def write_script(self, job_id: int, text: str) -> Path:
+        """The copy of a job's script taken at submit time, as a file the job runs (0700)."""
+        path = self.home / "jobs" / str(job_id) / "script"
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, path)
+        return path
 
     def get(self, job_id: int) -> Optional[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -172,37 +160,29 @@ class Store:
     def jobs(self, where: str = "1", params: Sequence[Any] = ()) -> List[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM jobs WHERE %s ORDER BY id" % where, tuple(params)))
 
-    def array_tasks(self, array_id: int) -> List[sqlite3.Row]:
-        return self.jobs("array_id=?", (array_id,))
-
     def attempts(self, job_id: int) -> List[sqlite3.Row]:
         return list(self.conn.execute("SELECT * FROM attempts WHERE job_id=? ORDER BY attempt", (job_id,)))
 
     def resolve(self, ref: str) -> List[sqlite3.Row]:
         """``12`` -> job 12, or all tasks of array 12; ``12_3`` -> task 3 of array 12. [] if none."""
-        ref = str(ref).strip()
-        if "_" in ref:
-            a, _, t = ref.partition("_")
-            if not (a.isdigit() and t.isdigit()):
-                return []
-            return self.jobs("array_id=? AND array_task=?", (int(a), int(t)))
-        if not ref.isdigit():
+        a, sep, t = str(ref).strip().partition("_")
+        if not a.isdigit() or (sep and not t.isdigit()):
             return []
-        tasks = self.array_tasks(int(ref))
+        if sep:
+            return self.jobs("array_id=? AND array_task=?", (int(a), int(t)))
+        tasks = self.jobs("array_id=?", (int(a),))
         if tasks:
             return tasks
-        row = self.get(int(ref))
+        row = self.get(int(a))
         return [row] if row is not None else []
 
-    # -- writes -------------------------------------------------------------------------------
-
     def insert_job(self, conn: sqlite3.Connection, *, name: str, backend: str, spec: Dict[str, Any],
-                   deps: List[Any], max_retries: int, array_id: Optional[int] = None,
-                   array_task: Optional[int] = None, state: str = PENDING, token: Optional[str] = None) -> int:
+                   deps: List[Any], max_retries: int, array_task: Optional[int] = None,
+                   token: Optional[str] = None) -> int:
         cur = conn.execute(
-            "INSERT INTO jobs (name, user, backend, state, submit_time, max_retries, array_id, array_task, spec,"
-            " deps, token) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (name, current_user(), backend, state, time.time(), max_retries, array_id, array_task,
+            "INSERT INTO jobs (name, user, backend, state, submit_time, max_retries, array_task, spec, deps, token)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (name, current_user(), backend, PENDING, time.time(), max_retries, array_task,
              json.dumps(spec, sort_keys=True), json.dumps(deps), token))
         return int(cur.lastrowid)
 
@@ -212,17 +192,13 @@ class Store:
         sources = [s for s in TRANSITIONS[dst] if only_from is None or s in only_from]
         if not sources:
             return False
-        sets = ["state=?", "reason=?"]
-        vals: List[Any] = [dst, reason]
-        for k, v in fields.items():
-            sets.append("%s=?" % k)
-            vals.append(v)
+        sets = ["state=?", "reason=?"] + ["%s=?" % k for k in fields]
+        vals: List[Any] = [dst, reason] + list(fields.values())
         if dst in TERMINAL_STATES and "end_time" not in fields:
             sets.append("end_time=COALESCE(end_time, ?)")
             vals.append(time.time())
         q = "UPDATE jobs SET %s WHERE id=? AND state IN (%s)" % (", ".join(sets), ",".join("?" * len(sources)))
-        cur = conn.execute(q, vals + [job_id] + list(sources))
-        return cur.rowcount == 1
+        return conn.execute(q, vals + [job_id] + sources).rowcount == 1
 
     def update(self, conn: sqlite3.Connection, job_id: int, **fields: Any) -> None:
         sets = ", ".join("%s=?" % k for k in fields)

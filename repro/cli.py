@@ -75,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     repro = sub.add_parser("repro", help="run a method's recipe and diff it against its table")
-    repro.add_argument("method")
+    repro.add_argument("method", nargs="?")
+    repro.add_argument("--all", action="store_true",
+                       help="every method of methods/registry.py with the profile, one after the other, each as "
+                            "`lpc repro METHOD` runs (or submits) it")
+    repro.add_argument("--methods", help="with --all: only these methods (comma-separated)")
     repro.add_argument("--profile", default="smoke", help="paper | smoke")
-    repro.add_argument("--rows", help="comma-separated row ids (default: all)")
+    repro.add_argument("--rows",
+                       help="comma-separated row ids (default: all); with --all, each method's own among them")
     repro.add_argument("--results-dir", type=Path, default=Path("results/local"))
     repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
     repro.add_argument("--eval-batch-size", metavar="N|auto", help=EVAL_BATCH_HELP)
@@ -295,22 +300,64 @@ def cmd_convert(args) -> int:
 
 
 def cmd_repro(args) -> int:
-    from repro import runner
-
     rows = [r for r in args.rows.split(",") if r] if args.rows else None
     if args.submit is None and (args.gpus or args.nodes != 1 or args.image or args.tpu):
         raise UsageError("--gpus, --nodes, --tpu and --image are for the jobs of --submit; without it, a train "
                          "spec's nproc sets the processes on this machine")
+    if args.all == bool(args.method):
+        raise UsageError("give a method or --all (not both)")
+    if args.methods and not args.all:
+        raise UsageError("--methods goes with --all")
+    if not args.all:
+        return _repro_one(args, args.method, rows)
+    if args.recipe:
+        raise UsageError("--recipe goes with one method, not --all")
+    targets = _all_targets(args.methods, args.profile, rows)
+    return max([_repro_one(args, method, method_rows) for method, method_rows in targets] or [0])
+
+
+def _all_targets(methods: Optional[str], profile: str, rows: Optional[List[str]]):
+    """(method, rows) for `--all`: each method (of --methods, else the registry) whose recipe has
+    the profile, with its own rows among --rows; checked before anything runs."""
+    from methods.registry import REGISTRY
+    from repro.recipe import load_recipe
+
+    names = [m for m in methods.split(",") if m] if methods else list(REGISTRY)
+    unknown = [m for m in names if m not in REGISTRY]
+    if unknown:
+        raise UsageError(f"unknown method {', '.join(unknown)}; methods: {', '.join(REGISTRY)}")
+    targets, seen = [], set()
+    for method in names:
+        try:
+            recipe_rows = load_recipe(method, profile).rows
+        except UsageError as exc:
+            print(f"[{method}] skipped: {exc}")
+            continue
+        own = [r for r in rows if r in recipe_rows] if rows else None
+        seen.update(own or ())
+        if rows and not own:
+            print(f"[{method}] skipped: none of the rows {', '.join(rows)}")
+            continue
+        targets.append((method, own))
+    unknown = [r for r in rows or () if r not in seen]
+    if unknown:
+        raise UsageError(f"no method of --all has row {', '.join(unknown)}")
+    return targets
+
+
+def _repro_one(args, method: str, rows: Optional[List[str]]) -> int:
+    from repro import runner
+
     try:
         if args.submit:
             from repro import submit
 
-            submit.submit(args.method, args.profile, backend=args.submit, results_root=args.results_dir, rows=rows,
+            submit.submit(method, args.profile, backend=args.submit, results_root=args.results_dir, rows=rows,
                           recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,
                           gpus=args.gpus, nodes=args.nodes, tpu=args.tpu, image=args.image,
                           eval_batch_size=args.eval_batch_size)
             return 0
-        ok = runner.run(args.method, args.profile, results_root=args.results_dir, rows=rows,
+        ok = runner.run(method, args.profile, results_root=args.results_dir, rows=rows,
                         recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,
                         keep=args.keep_stages, eval_batch_size=args.eval_batch_size)
     except runner.DenseGateFailed as exc:

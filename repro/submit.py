@@ -102,6 +102,8 @@ def jobs_of(steps: List[Step], recipe: Recipe, *, results_root: Path, work: Path
     """The plan's steps as jobs: each runs its stage command on a request file the plan's request was
     written to (`lpc prune|eval --request`, the train stage under torchrun), chained afterok as the
     steps depend, then one diff job after every evaluation, whatever their outcome."""
+    if not steps:  # every stage is done: a rerun submits nothing (`lpc diff` reads what is there)
+        return []
     accelerator, per_node = parse_gpus(gpus)
     one = None if accelerator is None else accelerator.split(":")[0] + ":1"
     single = one if recipe.config.get("device", "cpu").startswith("cuda") else None

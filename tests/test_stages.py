@@ -306,9 +306,9 @@ def test_submit_local_runs_the_chain_through_jobman(tmp_path, jobman_home, capsy
     assert shown["spec"]["secrets"] == ["HF_TOKEN"]
     stored = [p for p in jobman_home.rglob("*") if p.is_file()]
     assert stored and not any(secret.encode() in p.read_bytes() for p in stored)
-    # Everything done: a second submission has only the diff left to run.
+    # Everything done: a second submission submits nothing.
     assert main(repro_args(recipe, results, "--submit", "local")) == 0
-    assert "1 jobs submitted" in capsys.readouterr().out
+    assert "0 jobs submitted" in capsys.readouterr().out
 
 
 def _maxtext_recipe(tmp_path: Path) -> Path:

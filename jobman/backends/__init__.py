@@ -1,24 +1,33 @@
-"""Execution backends behind one small interface.
+"""Engines behind one small interface. A backend only talks to its engine; the database, the
+state machine, dependencies, waiting and log following are `jobman.api`'s, shared by all.
 
-A backend turns a stored job into work on an engine and maps the engine's view back:
+* ``validate(spec)`` / ``render(spec, job_id, array_task)``: refuse what the engine cannot run; the
+  text ``jobman submit --dry-run`` prints.
+* ``launch(store, rows)``: hand one submission (a job or an array) to the engine, yielding
+  ``(job id, {"backend_id": ..., ...})`` as the engine accepts each; jobman records them. A row
+  with a ``backend_id`` belongs to the engine from then on.
+* ``poll(rows)``: the engine's view of those rows, ``{backend_id: record}``; a record holds
+  ``state`` (a jobman state) and whichever of ``reason``, ``exit_code``, ``signal``,
+  ``start_time``, ``end_time``, ``attempts`` the engine knows. Raises BackendError when the engine
+  cannot be asked.
+* ``cancel(row)``; ``requeue(row)`` where the engine requeues a finished job in place
+  (``requeues_in_place``; elsewhere a requeued job is launched anew).
+* ``adopt(store, row)``: the fields `launch` would have yielded for a job the engine accepted
+  although its submitter died before recording them, or None.
+* ``stream_logs(row, follow, out)``: only for engines that keep the output themselves.
 
-* ``launch(store, rows)``  hand the jobs (one submission: a job or an array) to the engine and
-  record the engine's ids (``backend_id``); local jobs are run by `jobman.runner` instead.
-* ``refresh(store, rows)`` read the engine's state of active jobs into the database.
-* ``cancel(store, row)``   ask the engine to stop a job.
-* ``logs(store, row, follow, out)`` print (and optionally follow) a job's output.
-* ``render(spec, job_id)`` what would be submitted (``jobman submit --dry-run``), as text.
+The local backend has no engine calls: its jobs are run by `jobman.runner`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, TextIO
-
-from jobman.errors import UsageError
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 
 class Backend:
     name = "base"
+    stream_logs = None
+    requeues_in_place = False
 
     def validate(self, spec: Any) -> None:
         """Raise UsageError if this backend cannot run `spec`."""
@@ -26,33 +35,17 @@ class Backend:
     def render(self, spec: Any, job_id: int = 0, array_task: Optional[int] = None) -> str:
         raise NotImplementedError
 
-    def launch(self, store: Any, rows: List[Any]) -> None:
+    def launch(self, store: Any, rows: List[Any]) -> Iterator[Tuple[int, Dict[str, Any]]]:
         raise NotImplementedError
 
-    def refresh(self, store: Any, rows: List[Any]) -> None:
+    def poll(self, rows: List[Any]) -> Dict[str, Dict[str, Any]]:
+        return {}
+
+    def cancel(self, row: Any) -> None:
         raise NotImplementedError
 
-    def cancel(self, store: Any, row: Any) -> None:
+    def requeue(self, row: Any) -> None:
         raise NotImplementedError
 
-    def logs(self, store: Any, row: Any, follow: bool, out: TextIO) -> int:
-        raise NotImplementedError
-
-
-_CACHE: Dict[str, Backend] = {}
-
-
-def get_backend(name: str) -> Backend:
-    if name not in _CACHE:
-        if name == "local":
-            from jobman.backends.local import LocalBackend
-            _CACHE[name] = LocalBackend()
-        elif name == "skypilot":
-            from jobman.backends.skypilot import SkyPilotBackend
-            _CACHE[name] = SkyPilotBackend()
-        elif name == "slurm":
-            from jobman.backends.slurm import SlurmBackend
-            _CACHE[name] = SlurmBackend()
-        else:
-            raise UsageError("unknown backend %r (choose local, skypilot or slurm)" % name)
-    return _CACHE[name]
+    def adopt(self, store: Any, row: Any) -> Optional[Dict[str, Any]]:
+        return None

@@ -24,13 +24,13 @@ import copy
 import os
 import shlex
 import uuid
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, Iterator, List, Optional, TextIO, Tuple
 
 from jobman.accelerators import TPU_RUNTIME_VERSIONS, parse_accelerator
 from jobman.backends import Backend
 from jobman.errors import BackendError, UsageError
-from jobman.store import (CANCELLED, COMPLETED, FAILED, NODE_FAIL, PENDING, RECOVERING, RUNNING, ACTIVE_STATES,
-                          row_spec)
+from jobman.spec import JobSpec
+from jobman.store import CANCELLED, COMPLETED, FAILED, NODE_FAIL, PENDING, RECOVERING, RUNNING, row_spec
 
 # SkyPilot ManagedJobStatus -> jobman state
 STATE_MAP = {
@@ -159,12 +159,6 @@ def to_yaml(cfg: Dict[str, Any]) -> str:
     return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
-def _field(rec: Any, key: str) -> Any:
-    if isinstance(rec, dict):
-        return rec.get(key)
-    return getattr(rec, key, None)
-
-
 class SkyPilotBackend(Backend):
     name = "skypilot"
 
@@ -186,77 +180,53 @@ class SkyPilotBackend(Backend):
             raise BackendError("the skypilot backend needs SkyPilot: pip install -r requirements/jobman.txt (%s)" % e)
         return sky
 
-    def launch(self, store: Any, rows: List[Any]) -> None:
-        from jobman.spec import JobSpec
-
+    def launch(self, store: Any, rows: List[Any]) -> Iterator[Tuple[int, Dict[str, Any]]]:
         sky = self._sky()
         for row in rows:
             spec = JobSpec.from_dict(row_spec(row))
-            missing = [k for k in spec.secrets if k not in os.environ]
-            if missing:
-                raise UsageError("secret %s is not set in this shell's environment" % missing[0])
             job_id = row["array_id"] if row["array_id"] is not None else row["id"]
             cfg = task_config(spec, job_id, row["array_task"], name=row["name"])
             task = load_task(cfg, {k: os.environ[k] for k in spec.secrets})
-            request = sky.jobs.launch(task, name=cfg["name"])
-            result = sky.get(request)
+            result = sky.get(sky.jobs.launch(task, name=cfg["name"]))
             ids = result[0] if isinstance(result, tuple) else result
             if isinstance(ids, list):
                 ids = ids[0] if ids else None
             if ids is None:
                 raise BackendError("SkyPilot accepted job %d but returned no managed job id" % row["id"])
-            with store.tx() as conn:
-                store.update(conn, row["id"], backend_id=str(ids))
+            yield row["id"], {"backend_id": str(ids)}
 
-    def refresh(self, store: Any, rows: List[Any]) -> None:
+    def poll(self, rows: List[Any]) -> Dict[str, Dict[str, Any]]:
         sky = self._sky()
-        ids = [int(r["backend_id"]) for r in rows if r["backend_id"]]
-        if not ids:
-            return
+        ids = [int(r["backend_id"]) for r in rows]
         records = sky.get(sky.jobs.queue(refresh=False, skip_finished=False, all_users=True, job_ids=ids))
-        if isinstance(records, tuple):
-            records = records[0]
-        self.apply_records(store, rows, records)
+        return parse_queue(records[0] if isinstance(records, tuple) else records)
 
-    @staticmethod
-    def apply_records(store: Any, rows: List[Any], records: List[Any]) -> None:
-        by_id: Dict[str, Any] = {}
-        for rec in records or []:
-            by_id[str(_field(rec, "job_id"))] = rec  # a multi-task record repeats the id; last wins
-        for row in rows:
-            rec = by_id.get(str(row["backend_id"]))
-            if rec is None:
-                continue
-            status = _field(rec, "status")
-            status = getattr(status, "value", status)
-            state = STATE_MAP.get(str(status).split(".")[-1], None)
-            if state is None:
-                continue
-            fields: Dict[str, Any] = {}
-            if _field(rec, "start_at"):
-                fields["start_time"] = float(_field(rec, "start_at"))
-            if _field(rec, "end_at"):
-                fields["end_time"] = float(_field(rec, "end_at"))
-            rc = _field(rec, "recovery_count")
-            if rc is not None:
-                fields["attempts"] = int(rc) + 1
-            reason = _field(rec, "failure_reason") or (str(status) if state in (FAILED, NODE_FAIL) else None)
-            if state == COMPLETED:
-                fields["exit_code"] = 0
-            with store.tx() as conn:
-                if row["state"] != state:
-                    store.set_state(conn, row["id"], state, reason=reason, only_from=ACTIVE_STATES, **fields)
-                elif fields:
-                    store.update(conn, row["id"], **fields)
-
-    def cancel(self, store: Any, row: Any) -> None:
+    def cancel(self, row: Any) -> None:
         sky = self._sky()
         sky.get(sky.jobs.cancel(job_ids=[int(row["backend_id"])]))
 
-    def logs(self, store: Any, row: Any, follow: bool, out: TextIO) -> int:
+    def stream_logs(self, row: Any, follow: bool, out: TextIO) -> int:
         if not row["backend_id"]:
             out.write("job %d has not reached SkyPilot yet (state %s)\n" % (row["id"], row["state"]))
             return 0
-        sky = self._sky()
-        rc = sky.jobs.tail_logs(job_id=int(row["backend_id"]), follow=follow, output_stream=out)
+        rc = self._sky().jobs.tail_logs(job_id=int(row["backend_id"]), follow=follow, output_stream=out)
         return int(rc) if isinstance(rc, int) else 0
+
+
+def parse_queue(records: Any) -> Dict[str, Dict[str, Any]]:
+    """``sky jobs queue`` records (dicts or objects) -> {managed job id: jobman record}. A record of
+    a multi-task job repeats the id; the last one wins."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for rec in records or []:
+        get = rec.get if isinstance(rec, dict) else (lambda k, r=rec: getattr(r, k, None))
+        status = get("status")
+        status = str(getattr(status, "value", status)).split(".")[-1]
+        state = STATE_MAP.get(status)
+        if state is None:
+            continue
+        rc = get("recovery_count")
+        out[str(get("job_id"))] = {
+            "state": state, "start_time": get("start_at"), "end_time": get("end_at"),
+            "attempts": None if rc is None else int(rc) + 1,
+            "reason": get("failure_reason") or (status if state in (FAILED, NODE_FAIL) else None)}
+    return out

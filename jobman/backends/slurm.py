@@ -1,4 +1,4 @@
-"""The Slurm backend: ``sbatch --parsable`` / ``sacct --parsable2`` / ``squeue`` / ``scancel``.
+"""The Slurm backend: ``sbatch`` / ``squeue`` + ``sacct`` / ``scancel`` / ``scontrol requeue``.
 
 Every call is an argument vector (no shell). The batch script jobman generates:
 
@@ -13,37 +13,46 @@ Every call is an argument vector (no shell). The batch script jobman generates:
   run by path, so ``$JOBMAN_HOME`` must be on a filesystem the compute nodes share, as Slurm
   already assumes for ``--output``);
 * re-runs the srun step up to ``--retries`` times after a non-zero exit.
+
+States come from two places, because each is wrong at some moment: squeue is slurmctld's live
+view (a job requeued after a node failure is PENDING there while accounting still holds the
+attempt that ended NODE_FAIL), sacct outlives slurmctld's memory and a slurmctld restart, and
+alone has exit codes and the steps (an ``srun`` step killed for memory leaves the job itself
+FAILED; jobman reports OUT_OF_MEMORY).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import re
 import shlex
 import subprocess
-from typing import Any, Dict, List, Optional, TextIO, Tuple
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from jobman.accelerators import parse_accelerator
 from jobman.backends import Backend
 from jobman.errors import BackendError, UsageError
-from jobman.store import (ACTIVE_STATES, CANCELLED, COMPLETED, FAILED, NODE_FAIL, PENDING, RECOVERING, RUNNING,
-                          TERMINAL_STATES, row_spec)
+from jobman.spec import JobSpec
+from jobman.store import (CANCELLED, COMPLETED, FAILED, NODE_FAIL, OUT_OF_MEMORY, PENDING, RUNNING, TERMINAL_STATES,
+                          TIMEOUT, row_spec)
 
-# Slurm job state (squeue/sacct long names, see squeue(1) "JOB STATE CODES") -> jobman state
+# Slurm job state (squeue(1) "JOB STATE CODES") -> jobman state
 STATE_MAP = {
     "PENDING": PENDING, "REQUEUED": PENDING, "REQUEUE_FED": PENDING, "REQUEUE_HOLD": PENDING,
     "CONFIGURING": PENDING, "RESV_DEL_HOLD": PENDING,
     "RUNNING": RUNNING, "COMPLETING": RUNNING, "SUSPENDED": RUNNING, "STOPPED": RUNNING,
     "RESIZING": RUNNING, "SIGNALING": RUNNING, "STAGE_OUT": RUNNING,
-    "PREEMPTED": RECOVERING,
-    "COMPLETED": COMPLETED,
-    "CANCELLED": CANCELLED, "REVOKED": CANCELLED, "DEADLINE": FAILED,
-    "FAILED": FAILED, "TIMEOUT": FAILED, "OUT_OF_MEMORY": FAILED, "SPECIAL_EXIT": FAILED,
+    "COMPLETED": COMPLETED, "FAILED": FAILED, "SPECIAL_EXIT": FAILED,
+    "CANCELLED": CANCELLED, "REVOKED": CANCELLED, "PREEMPTED": CANCELLED,
+    "TIMEOUT": TIMEOUT, "DEADLINE": TIMEOUT, "OUT_OF_MEMORY": OUT_OF_MEMORY,
     "NODE_FAIL": NODE_FAIL, "BOOT_FAIL": NODE_FAIL,
 }
 
-SACCT_FORMAT = "JobID,JobName,State,ExitCode,Start,End,Elapsed"
+SACCT_FORMAT = "JobID,State,ExitCode,Start,End,Reason"
+SQUEUE_FORMAT = "%i|%T|%r|%e"
+# How long slurmctld's word that a job ended may run ahead of accounting before it is taken alone.
+ACCOUNTING_LAG_S = 60.0
 
 PRELUDE = (
     'export JOBMAN_NODE_RANK="${SLURM_NODEID:-0}"\n'
@@ -58,33 +67,22 @@ PRELUDE = (
 
 
 # ----------------------------------------------------------------------------------------------
-# parsing Slurm's machine-readable output
+# Slurm's machine-readable output
 
 
 def parse_sbatch_parsable(text: str) -> str:
     """``sbatch --parsable`` prints ``<jobid>`` or ``<jobid>;<cluster>``."""
     line = text.strip().splitlines()[-1].strip() if text.strip() else ""
     jid = line.split(";", 1)[0]
-    if not re.match(r"^\d+$", jid):
+    if not jid.isdigit():
         raise BackendError("unexpected sbatch output: %r" % text.strip()[:200])
     return jid
 
 
-def parse_exit_code(text: str) -> Tuple[Optional[int], Optional[int]]:
-    """sacct's ExitCode ``code:signal``."""
-    m = re.match(r"^(\d+):(\d+)$", text.strip())
-    if not m:
-        return None, None
-    return int(m.group(1)), int(m.group(2))
-
-
 def parse_slurm_time(text: str) -> Optional[float]:
-    text = text.strip()
-    if not text or text in ("Unknown", "None", "N/A"):
-        return None
     try:
-        return _dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").timestamp()
-    except ValueError:
+        return _dt.datetime.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S").timestamp()
+    except ValueError:  # Unknown, None, N/A
         return None
 
 
@@ -93,55 +91,94 @@ def _expand_jobid(jobid: str) -> List[str]:
     m = re.match(r"^(\d+)_\[([^\]]+)\]$", jobid)
     if not m:
         return [jobid]
-    base, body = m.group(1), m.group(2).split("%")[0]
     out: List[str] = []
-    for part in body.split(","):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            step = 1
-            if ":" in b:
-                b, s = b.split(":", 1)
-                step = int(s)
-            out += ["%s_%d" % (base, i) for i in range(int(a), int(b) + 1, step)]
-        elif part:
-            out.append("%s_%s" % (base, part))
+    for part in m.group(2).split("%")[0].split(","):
+        a, _, rest = part.partition("-")
+        b, _, step = rest.partition(":")
+        out += ["%s_%d" % (m.group(1), i) for i in range(int(a), int(b or a) + 1, int(step or 1))]
     return out
 
 
+def _state(text: str) -> Tuple[Optional[str], Optional[str]]:
+    """``CANCELLED by 0`` -> (CANCELLED, 'CANCELLED by 0'): the jobman state and, where Slurm said
+    more than the state's name or named another state, that text as the reason."""
+    raw = text.strip()
+    name = raw.split()[0].rstrip("+") if raw else ""
+    state = STATE_MAP.get(name)
+    return state, (raw if raw and (raw != name or name != state) else None)
+
+
 def parse_sacct(text: str) -> Dict[str, Dict[str, Any]]:
-    """Parse ``sacct --parsable2 --noheader --format=JobID,JobName,State,ExitCode,Start,End,Elapsed``
-    (a header line is skipped if present). Steps (``123.batch``, ``123.0``) are skipped; the job's
-    own line carries its state and exit code. Returns {job id: record}."""
+    """``sacct --parsable2 --noheader --duplicates --format=JobID,State,ExitCode,Start,End,Reason``
+    -> {job id: record of its latest attempt}. Step lines (``12.batch``, ``12.0``) mark the record
+    they follow OUT_OF_MEMORY when Slurm killed one for memory; ``attempts`` counts the job's
+    records that started (a requeue starts a new one)."""
     out: Dict[str, Dict[str, Any]] = {}
+    current: List[Dict[str, Any]] = []
     for line in text.splitlines():
-        if not line.strip():
-            continue
         f = line.split("|")
-        if f[0] == "JobID" or len(f) < 7:
+        if len(f) < 6 or f[0] in ("JobID", ""):
             continue
-        jobid = f[0].strip()
-        if "." in jobid:
+        state, why = _state(f[1])
+        if "." in f[0]:
+            if state == OUT_OF_MEMORY:
+                for rec in current:
+                    rec["oom"] = True
             continue
-        raw_state = f[2].strip().split()[0] if f[2].strip() else ""
-        code, sig = parse_exit_code(f[3])
-        rec = {"name": f[1], "slurm_state": raw_state, "state": STATE_MAP.get(raw_state.rstrip("+")),
-               "exit_code": code, "signal": sig, "start": parse_slurm_time(f[4]), "end": parse_slurm_time(f[5]),
-               "elapsed": f[6].strip(), "reason": f[2].strip()}
-        for j in _expand_jobid(jobid):
-            out[j] = dict(rec)
+        code, _, sig = f[2].partition(":")
+        start = parse_slurm_time(f[3])
+        reason = f[5].strip() if f[5].strip() not in ("", "None") else why
+        current = []
+        for j in _expand_jobid(f[0]):
+            started = out.get(j, {}).get("attempts", 0) + (start is not None)
+            rec = {"state": state, "reason": reason, "start_time": start, "end_time": parse_slurm_time(f[4]),
+                   "exit_code": int(code) if code.isdigit() else None, "signal": int(sig) if sig.isdigit() else None,
+                   "attempts": started}
+            out[j] = rec
+            current.append(rec)
     return out
 
 
 def parse_squeue(text: str) -> Dict[str, Dict[str, Any]]:
-    """Parse ``squeue --noheader --format=%i|%T|%r`` (job id, long state, reason)."""
+    """``squeue --noheader --states=all --format=%i|%T|%r|%e`` (id, long state, reason, end)."""
     out: Dict[str, Dict[str, Any]] = {}
     for line in text.splitlines():
         f = line.strip().split("|")
-        if len(f) < 3 or f[0] in ("JOBID", ""):
+        if len(f) < 4 or f[0] in ("JOBID", ""):
             continue
-        rec = {"slurm_state": f[1], "state": STATE_MAP.get(f[1]), "reason": f[2]}
+        rec = {"state": STATE_MAP.get(f[1]), "reason": None if f[2] in ("None", "") else f[2],
+               "end_time": parse_slurm_time(f[3])}
         for j in _expand_jobid(f[0]):
             out[j] = dict(rec)
+    return out
+
+
+def merge_views(live: Optional[Dict[str, Dict[str, Any]]], acct: Optional[Dict[str, Dict[str, Any]]],
+                bids: List[str], now: Optional[float] = None,
+                running: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+    """One record per engine id from squeue's view (`live`) and sacct's (`acct`); None for a view
+    that could not be read. A job slurmctld says has ended waits for accounting to say so too
+    (its exit code and steps are there), for at most ACCOUNTING_LAG_S. Accounting alone (slurmctld
+    away) may not have heard yet that a job started: it never moves one of `running` (the ids
+    jobman last saw running) back to PENDING, since nothing is requeued while slurmctld is away."""
+    now = time.time() if now is None else now
+    out: Dict[str, Dict[str, Any]] = {}
+    for bid in bids:
+        q, a = (live or {}).get(bid), (acct or {}).get(bid)
+        if live is None and bid in running and a is not None and a["state"] == PENDING:
+            continue
+        rec = dict(a or {})
+        if q is not None and q["state"] is not None:
+            lagging = acct is not None and (a is None or a["state"] not in TERMINAL_STATES)
+            if q["state"] in TERMINAL_STATES and lagging and now - (q["end_time"] or now) < ACCOUNTING_LAG_S:
+                continue
+            rec.update(state=q["state"], reason=q["reason"] or rec.get("reason"))
+        if rec.get("state") is None:
+            continue
+        if rec["state"] == FAILED and rec.pop("oom", False):
+            rec.update(state=OUT_OF_MEMORY, reason="a step ran out of memory")
+        rec.pop("oom", None)
+        out[bid] = rec
     return out
 
 
@@ -157,7 +194,7 @@ def _run(argv: List[str], stdin: Optional[str] = None, timeout: float = 120.0) -
         raise BackendError("%s timed out after %ds" % (argv[0], timeout))
     if p.returncode != 0:
         msg = (p.stderr or p.stdout).strip().splitlines()
-        raise BackendError("%s failed (exit %d): %s" % (argv[0], p.returncode, msg[0] if msg else ""))
+        raise BackendError("%s failed (exit %d): %s" % (argv[0], p.returncode, msg[-1] if msg else ""))
     return p.stdout
 
 
@@ -168,18 +205,11 @@ def batch_script(spec: Any, name: str, output: str, script_path: Optional[str] =
              "#SBATCH --nodes=%d" % (spec.nodes or 1), "#SBATCH --ntasks-per-node=1"]
     if acc is not None:
         lines.append("#SBATCH --gpus-per-node=%s:%d" % (acc.name.lower(), acc.count))
-    if spec.partition:
-        lines.append("#SBATCH --partition=%s" % spec.partition)
-    if spec.time_limit:
-        lines.append("#SBATCH --time=%s" % spec.time_limit)
-    if spec.workdir:
-        lines.append("#SBATCH --chdir=%s" % spec.workdir)
-    elif spec.submit_dir:
-        lines.append("#SBATCH --chdir=%s" % spec.submit_dir)
-    if spec.array_spec:
-        lines.append("#SBATCH --array=%s" % spec.array_spec)
-    if dependency:
-        lines.append("#SBATCH --dependency=%s" % dependency)
+    for flag, value in (("partition", spec.partition), ("time", spec.time_limit),
+                        ("chdir", spec.workdir or spec.submit_dir), ("array", spec.array_spec),
+                        ("dependency", dependency)):
+        if value:
+            lines.append("#SBATCH --%s=%s" % (flag, value))
     lines.append("")
     for k, v in sorted((spec.env or {}).items()):
         lines.append("export %s=%s" % (k, shlex.quote(v)))
@@ -188,11 +218,7 @@ def batch_script(spec: Any, name: str, output: str, script_path: Optional[str] =
     lines.append('export JOBMAN_ARRAY_TASK_ID="${SLURM_ARRAY_TASK_ID:-}"')
     for s in spec.secrets or []:
         lines.append('if [ -z "${%s+x}" ]; then echo "jobman: secret %s is not set" >&2; exit 1; fi' % (s, s))
-    if script_path is not None:
-        shebang = (spec.script or "").startswith("#!")
-        cmd = ([script_path] if shebang else ["/bin/sh", script_path]) + list(spec.argv[1:])
-    else:
-        cmd = list(spec.argv)
+    cmd = spec.command(script_path)
     srun = ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     if spec.image:
         srun.append("--container-image=%s" % spec.image)  # pyxis/enroot
@@ -211,8 +237,20 @@ def batch_script(spec: Any, name: str, output: str, script_path: Optional[str] =
     return "\n".join(lines)
 
 
+def _engine_fields(store: Any, row: Any, sid: str) -> Dict[str, Any]:
+    bid = sid if row["array_task"] is None else "%s_%d" % (sid, row["array_task"])
+    return {"backend_id": bid, "log_path": str(store.home / "logs" / ("slurm-%s.out" % bid))}
+
+
+def _marker(row: Any) -> str:
+    """Put on sbatch's command line, where squeue (the comment) and sacct (SubmitLine) keep it, so
+    that a job accepted by Slurm can be found again if jobman died before recording its id."""
+    return "jobman:" + row["token"]
+
+
 class SlurmBackend(Backend):
     name = "slurm"
+    requeues_in_place = True
 
     def validate(self, spec: Any) -> None:
         acc = parse_accelerator(spec.accelerator)
@@ -224,85 +262,69 @@ class SlurmBackend(Backend):
                             "<JOBMAN_HOME>/jobs/%d/script" % job_id if spec.script is not None else None)
 
     def _dependency(self, store: Any, spec: Any) -> Optional[str]:
-        if not spec.dependencies:
-            return None
+        """Slurm's own --dependency, when every dependency is a job Slurm knows; else None (then
+        jobman's launcher has waited for them before launching)."""
         clauses: Dict[str, List[str]] = {}
         for kind, ref in spec.dependencies:
-            rows = store.resolve(ref)
-            ids = sorted({r["backend_id"].split("_")[0] if r["array_id"] is not None and "_" not in ref
-                          else r["backend_id"] for r in rows})
-            clauses.setdefault(kind, []).extend(ids)
-        return ",".join("%s:%s" % (k, ":".join(v)) for k, v in clauses.items())
+            for r in store.resolve(ref):
+                if r["backend"] != "slurm" or not r["backend_id"]:
+                    return None
+                whole_array = r["array_id"] is not None and "_" not in ref
+                clauses.setdefault(kind, []).append(r["backend_id"].split("_")[0] if whole_array else r["backend_id"])
+        return ",".join("%s:%s" % (k, ":".join(sorted(set(v)))) for k, v in clauses.items()) or None
 
-    def launch(self, store: Any, rows: List[Any]) -> None:
-        from jobman.spec import JobSpec
-
+    def launch(self, store: Any, rows: List[Any]) -> Iterator[Tuple[int, Dict[str, Any]]]:
         first = rows[0]
         spec = JobSpec.from_dict(row_spec(first))
-        missing = [k for k in spec.secrets if k not in os.environ]
-        if missing:
-            raise UsageError("secret %s is not set in this shell's environment" % missing[0])
-        script_path = None
-        if spec.script is not None:
-            d = store.home / "jobs" / str(first["id"])
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            p = d / "script"
-            p.write_text(spec.script)
-            os.chmod(p, 0o700)
-            script_path = str(p)
+        script_path = str(store.write_script(first["id"], spec.script)) if spec.script is not None else None
         array = first["array_id"] is not None
         output = str(store.home / "logs" / ("slurm-%A_%a.out" if array else "slurm-%j.out"))
-        deps = None
-        if all(r["backend"] == "slurm" and r["backend_id"] for _, ref in spec.dependencies
-               for r in store.resolve(ref)):
-            deps = self._dependency(store, spec)
-        text = batch_script(spec, first["name"], output, script_path, deps)
-        sid = parse_sbatch_parsable(_run(["sbatch", "--parsable"], stdin=text))
-        with store.tx() as conn:
-            for r in rows:
-                bid = "%s_%d" % (sid, r["array_task"]) if array else sid
-                log = str(store.home / "logs" / ("slurm-%s.out" % bid))
-                store.update(conn, r["id"], backend_id=bid, log_path=log)
+        text = batch_script(spec, first["name"], output, script_path, self._dependency(store, spec))
+        sid = parse_sbatch_parsable(_run(["sbatch", "--parsable", "--comment=" + _marker(first)], stdin=text))
+        for r in rows:
+            yield r["id"], _engine_fields(store, r, sid)
 
-    def refresh(self, store: Any, rows: List[Any]) -> None:
-        ids = sorted({r["backend_id"].split("_")[0] for r in rows if r["backend_id"]})
-        if not ids:
-            return
-        try:
-            recs = parse_sacct(_run(["sacct", "--parsable2", "--noheader", "--allocations",
-                                     "--format=" + SACCT_FORMAT, "--jobs=" + ",".join(ids)]))
-        except BackendError:  # accounting disabled: squeue knows live jobs only
-            recs = parse_squeue(_run(["squeue", "--noheader", "--format=%i|%T|%r", "--jobs=" + ",".join(ids)]))
-        self.apply_records(store, rows, recs)
+    def poll(self, rows: List[Any]) -> Dict[str, Dict[str, Any]]:
+        bids = sorted({r["backend_id"] for r in rows if r["backend_id"]})
+        jobs = "--jobs=" + ",".join(sorted({b.split("_")[0] for b in bids}))
+        views: List[Optional[Dict[str, Dict[str, Any]]]] = []
+        errors = []
+        for argv, parse in ((["squeue", "--noheader", "--states=all", "--format=" + SQUEUE_FORMAT, jobs], parse_squeue),
+                            (["sacct", "--parsable2", "--noheader", "--duplicates", "--format=" + SACCT_FORMAT, jobs],
+                             parse_sacct)):
+            try:
+                views.append(parse(_run(argv)))
+            except BackendError as e:  # slurmctld restarting, accounting down or disabled
+                views.append({} if "Invalid job id" in str(e) else None)
+                errors.append(str(e))
+        if views[0] is None and views[1] is None:
+            raise BackendError("; ".join(errors))
+        running = [r["backend_id"] for r in rows if r["state"] == RUNNING]
+        return merge_views(views[0], views[1], bids, running=running)
 
-    @staticmethod
-    def apply_records(store: Any, rows: List[Any], recs: Dict[str, Dict[str, Any]]) -> None:
-        for row in rows:
-            rec = recs.get(row["backend_id"])
-            if rec is None or rec.get("state") is None:
-                continue
-            fields: Dict[str, Any] = {}
-            if rec.get("start"):
-                fields["start_time"] = rec["start"]
-            if rec.get("end") and rec["state"] in TERMINAL_STATES:
-                fields["end_time"] = rec["end"]
-            if rec.get("exit_code") is not None:
-                fields["exit_code"] = rec["exit_code"]
-                fields["signal"] = rec["signal"] or None
-            reason = rec.get("reason") if rec["state"] not in (COMPLETED, RUNNING) else None
-            with store.tx() as conn:
-                if row["state"] != rec["state"]:
-                    store.set_state(conn, row["id"], rec["state"], reason=reason, only_from=ACTIVE_STATES, **fields)
-                elif fields:
-                    store.update(conn, row["id"], **fields)
-
-    def cancel(self, store: Any, row: Any) -> None:
+    def cancel(self, row: Any) -> None:
         _run(["scancel", row["backend_id"]])
 
-    def requeue(self, store: Any, row: Any) -> None:
+    def requeue(self, row: Any) -> None:
         _run(["scontrol", "requeue", row["backend_id"]])
 
-    def logs(self, store: Any, row: Any, follow: bool, out: TextIO) -> int:
-        from jobman.backends.local import follow_file
-
-        return follow_file(store, row, follow, out, refresh_every=15.0)
+    def adopt(self, store: Any, row: Any) -> Optional[Dict[str, Any]]:
+        marker = _marker(row)
+        found, unsure = None, None
+        try:
+            for line in _run(["squeue", "--noheader", "--states=all", "--format=%F|%k"]).splitlines():
+                sid, _, comment = line.strip().partition("|")
+                if comment == marker:
+                    found = sid
+        except BackendError as e:  # accounting alone may not have the job's SubmitLine yet
+            unsure = e
+        if found is None:
+            since = _dt.datetime.fromtimestamp(row["submit_time"] - 60).strftime("%Y-%m-%dT%H:%M:%S")
+            for line in _run(["sacct", "--parsable2", "--noheader", "--allocations", "--starttime=" + since,
+                              "--format=JobID,SubmitLine"]).splitlines():
+                sid, _, submit_line = line.partition("|")
+                if "--comment=" + marker in submit_line.split():
+                    found = sid.split("_")[0]
+        if found is None and unsure is not None:
+            raise unsure
+        return None if found is None else _engine_fields(store, row, found)

@@ -6,9 +6,6 @@ The local-backend tests start real processes on this machine; nothing contacts a
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
