@@ -427,7 +427,7 @@ def bare_training_seconds(path: str, windows, options) -> float:
     import torch
 
     from methods.core.models import load_model
-    from training.engine import lm_loss
+    from training.losses import lm_loss
 
     cuda = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")

@@ -13,7 +13,8 @@ import methods
 from methods import surgery, width_stats
 from methods.core.errors import UsageError
 from repro.cli import main
-from methods.core.models import dtype_kwarg, load_model, save_checkpoint
+from methods.core.compat import dtype_kwarg
+from methods.core.models import load_model, save_checkpoint
 from methods.core.results import read_json
 from methods.core.smoke_model import smoke_model_dir
 from tests.conftest import golden_path, tiny_llama

@@ -19,7 +19,7 @@ import torch
 import methods
 from methods import width_stats
 from methods.scoring import perplexity
-from methods.core.models import dtype_kwarg
+from methods.core.compat import dtype_kwarg
 from tests.conftest import golden_manifests, golden_params, golden_path
 
 METHODS = {"flap": "flap", "wanda_sp": "wanda-sp", "mag_sp": "wanda-sp"}

@@ -26,7 +26,7 @@ import torch
 import methods
 from methods.core.errors import UsageError
 from methods.scoring import perplexity
-from methods.core.models import dtype_kwarg
+from methods.core.compat import dtype_kwarg
 from tests.conftest import golden_manifests, golden_params, golden_path
 
 TAYLOR = {"param_first": "element1", "param_second": "element2", "vectorize": "vector", "param_mix": "param_mix"}

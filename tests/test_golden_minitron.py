@@ -14,7 +14,7 @@ import torch
 
 import methods
 from methods.scoring import perplexity
-from methods.core.models import dtype_kwarg
+from methods.core.compat import dtype_kwarg
 from tests.conftest import golden_params, golden_path, manifest_runs
 
 REL_SCORE = 1e-4

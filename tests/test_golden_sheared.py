@@ -19,7 +19,7 @@ import torch
 
 import methods
 from methods import sheared
-from methods.core.models import dtype_kwarg
+from methods.core.compat import dtype_kwarg
 from tests.conftest import GOLDEN, golden_manifests, golden_params, golden_path
 from training.data import update_proportions
 
@@ -181,7 +181,7 @@ def _logits(model, zs, *, mask_embedding):
 
 
 def _ce(logits, ids):
-    from training.engine import lm_loss
+    from training.losses import lm_loss
 
     return float(lm_loss(logits, ids))
 
@@ -217,7 +217,7 @@ def test_masked_forward(manifest):
 
 @pytest.mark.parametrize("manifest", CASES, ids=_ids)
 def test_gradients_of_the_objective(manifest):
-    from training.engine import lm_loss
+    from training.losses import lm_loss
 
     grads = _npz(manifest, "sheared_grad__")
     model = _model(manifest)

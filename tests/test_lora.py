@@ -10,6 +10,7 @@ import torch
 from methods.core.errors import UsageError
 from tests.conftest import char_tokenizer, tiny_llama
 from training import lora
+from training.kinds.lora import LoraRecipe
 
 pytest.importorskip("peft")
 
@@ -33,7 +34,7 @@ def test_prompt_is_the_alpaca_template():
 
 
 def test_labels_mask_the_prompt_and_eos_is_appended_unless_truncated():
-    tok, recipe = char_tokenizer(), lora.LoraRecipe(cutoff_len=256)
+    tok, recipe = char_tokenizer(), LoraRecipe(cutoff_len=256)
     record = {"instruction": "Echo", "input": "abc", "output": "xyz"}
     example = lora.tokenize_example(tok, record, recipe)
     user = tok(lora.prompt("Echo", "abc"))["input_ids"]
@@ -43,11 +44,11 @@ def test_labels_mask_the_prompt_and_eos_is_appended_unless_truncated():
     assert labels[len(user):] == ids[len(user):]           # the response and its EOS are learned
     assert ids[len(user):-1] == tok.convert_tokens_to_ids(list("xyz"))
     # Cut off at cutoff_len: no EOS, and a prompt longer than the cutoff leaves nothing to learn.
-    short = lora.tokenize_example(tok, record, lora.LoraRecipe(cutoff_len=20))
+    short = lora.tokenize_example(tok, record, LoraRecipe(cutoff_len=20))
     assert len(short["input_ids"]) == 20 and short["input_ids"][-1] != tok.eos_token_id
     assert short["labels"] == [-100] * 20
     # train_on_inputs: every token is a label.
-    full = lora.tokenize_example(tok, record, lora.LoraRecipe(train_on_inputs=True))
+    full = lora.tokenize_example(tok, record, LoraRecipe(train_on_inputs=True))
     assert full["labels"] == full["input_ids"]
 
 
@@ -74,13 +75,13 @@ def test_validation_split_is_the_datasets_train_test_split():
 
 def test_recipe_refuses_bad_values():
     with pytest.raises(UsageError, match="no option"):
-        lora.LoraRecipe.from_spec({"learning_rate": 1e-4})
+        LoraRecipe.from_spec({"learning_rate": 1e-4})
     with pytest.raises(UsageError, match="global batch 10 is not divisible by micro batch 4"):
-        lora.LoraRecipe.from_spec({"batch_size": 10, "micro_batch_size": 4})
+        LoraRecipe.from_spec({"batch_size": 10, "micro_batch_size": 4})
     with pytest.raises(UsageError, match="precision"):
-        lora.LoraRecipe.from_spec({"precision": "fp8"})
+        LoraRecipe.from_spec({"precision": "fp8"})
     with pytest.raises(UsageError, match="mixed-precision"):
-        lora.recover(tiny_llama(), char_tokenizer(), {"precision": "fp16"}, device="cpu")
+        lora.recover(tiny_llama(), char_tokenizer(), LoraRecipe(precision="fp16"), device="cpu")
 
 
 def test_local_data_is_validated(tmp_path):
@@ -101,7 +102,7 @@ def test_a_few_steps_learn_and_merge_into_the_same_model(tmp_path, monkeypatch):
     data = _write_jsonl(tmp_path / "echo.jsonl", _records())
     spec = {"data": str(data), "max_steps": 6, "micro_batch_size": 4, "batch_size": 8, "lr": 1e-2,
             "warmup_steps": 1, "val_set_size": 8, "eval_steps": 3, "cutoff_len": 256, "select_best": False}
-    recipe = lora.LoraRecipe.from_spec(spec)
+    recipe = LoraRecipe.from_spec(spec)
     records, _ = lora.load_instructions(str(data))
     _, val_idx = lora.split_validation(len(records), recipe.val_set_size, recipe.split_seed)
     val = [lora.tokenize_example(tok, records[i], recipe) for i in val_idx]
@@ -123,7 +124,7 @@ def test_a_few_steps_learn_and_merge_into_the_same_model(tmp_path, monkeypatch):
         return log
 
     monkeypatch.setattr(lora, "_train", spy)
-    report = lora.recover(model, tok, spec, device="cpu", seed=0)
+    report = lora.recover(model, tok, LoraRecipe.from_spec(spec), device="cpu", seed=0)
 
     assert report["steps"] == 6 and report["micro_batches"] == 12
     assert report["examples"] == {"train": 32, "val": 8}
@@ -154,12 +155,12 @@ def test_select_best_restores_the_best_validation_adapter(tmp_path):
     spec = {"data": str(data), "max_steps": 4, "micro_batch_size": 4, "batch_size": 4, "lr": 5e-2,
             "warmup_steps": 0, "val_set_size": 8, "eval_steps": 1, "cutoff_len": 256, "select_best": True}
     tok = char_tokenizer()
-    report = lora.recover(model, tok, spec, device="cpu", seed=1)
+    report = lora.recover(model, tok, LoraRecipe.from_spec(spec), device="cpu", seed=1)
     losses = [h["val_loss"] for h in report["history"]]
     assert report["best_val_loss"] == min(losses)
     assert report["selected_step"] == report["best_step"] == report["history"][losses.index(min(losses))]["step"]
     # The merged model is the selected adapter's, whichever step that was.
-    recipe = lora.LoraRecipe.from_spec(spec)
+    recipe = LoraRecipe.from_spec(spec)
     records, _ = lora.load_instructions(str(data))
     _, val_idx = lora.split_validation(len(records), 8)
     val = [lora.tokenize_example(tok, records[i], recipe) for i in val_idx]

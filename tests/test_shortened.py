@@ -19,7 +19,8 @@ import methods
 from methods import shortened, surgery
 from methods.scoring import perplexity
 from repro.cli import main
-from methods.core.models import dtype_kwarg, load_model
+from methods.core.compat import dtype_kwarg
+from methods.core.models import load_model
 from tests.conftest import golden_path, tiny_llama
 
 # Nota-NetsPresso/shortened-llm @ 4031a92, output_block_sensitivity/<model>/<criterion>_n10/block_order.csv

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from methods import surgery
 from methods.core.errors import UsageError
 from methods.modeling_lpc import LpcLlamaForCausalLM
-from methods.core.models import dtype_kwarg, load_model, save_checkpoint
+from methods.core.compat import dtype_kwarg
+from methods.core.models import load_model, save_checkpoint
 from tests.conftest import golden_path, tiny_llama
 
 

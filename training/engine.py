@@ -39,12 +39,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from methods.core.errors import UsageError
 from methods.core.models import load_model
 from training import checkpoint, kinds
+from training.losses import full_tensor, lm_loss
 from training.options import TrainOptions
 
 def lr_at(step: int, options: TrainOptions) -> float:
@@ -141,20 +141,6 @@ def _fsdp2():
     return fully_shard, MixedPrecisionPolicy
 
 
-def clip_together(parameter_sets: List[List[nn.Parameter]], max_norm: float) -> torch.Tensor:
-    """Clip the gradients of sharded and replicated parameters by their joint norm (clip_grad_norm_
-    does not mix DTensors with plain tensors); returns the norm before clipping."""
-    norms = [_full(torch.nn.utils.clip_grad_norm_(params, float("inf"))) for params in parameter_sets]
-    total = torch.sqrt(sum(n.double() ** 2 for n in norms))
-    coefficient = max_norm / (float(total) + 1e-6)
-    if coefficient < 1:
-        for params in parameter_sets:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(coefficient)
-    return total
-
-
 def domain_losses(model: nn.Module, stream, run: Run, micro_batch: int, extension) -> List[float]:
     """Each domain's mean token loss on its held-out windows; every rank runs the same number of forward
     passes (FSDP gathers parameters in each), a rank short of windows repeating one with weight 0."""
@@ -172,12 +158,6 @@ def domain_losses(model: nn.Module, stream, run: Run, micro_batch: int, extensio
                     sums[d, 1] += ids[:, 1:].numel()
     dist.all_reduce(sums)
     return (sums[:, 0] / sums[:, 1]).tolist()
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over every position (mean, or "sum"), logits in fp32."""
-    logits = logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction=reduction)
 
 
 def train(options: TrainOptions, *, student_path: str, data_factory: Callable,
@@ -242,7 +222,7 @@ def train(options: TrainOptions, *, student_path: str, data_factory: Callable,
             dist.all_reduce(mean)
             tokens += options.global_batch * options.seqlen
             record = {"step": step + 1, "loss": float(mean) / run.world, "lr": lr, "tokens": tokens,
-                      "grad_norm": float(_full(grad_norm))}
+                      "grad_norm": float(full_tensor(grad_norm))}
             record.update(extension.record(step))
             if interval and (step + 1) % interval == 0 and step + 1 < options.steps:
                 losses = domain_losses(model, stream, run, options.micro_batch, extension)
@@ -280,10 +260,6 @@ def train(options: TrainOptions, *, student_path: str, data_factory: Callable,
     finally:
         if run.owns_group:
             dist.destroy_process_group()
-
-
-def _full(value: torch.Tensor) -> torch.Tensor:
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def _peak_memory(device: torch.device) -> Dict[str, float]:

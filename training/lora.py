@@ -1,7 +1,8 @@
 """LoRA recovery after pruning: LLM-Pruner's `post_training.py`, which Shortened LLaMA's
 `lora_retrain.py` repeats, as one plain training loop (`lpc train --kind lora` runs it as a stage).
 
-    report = recover(model, tokenizer, {"data": "alpaca-cleaned", "max_steps": 20}, device="cuda", seed=42)
+    report = recover(model, tokenizer, LoraRecipe.from_spec({"data": "alpaca-cleaned", "max_steps": 20}),
+                     device="cuda", seed=42)
 
 What the original does, and this file reproduces:
 
@@ -42,7 +43,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,7 +51,9 @@ from torch import nn
 
 from methods.core.errors import UsageError
 from methods.core.text import SMOKE_INSTRUCTIONS
-from training.kinds.lora import LoraRecipe
+
+if TYPE_CHECKING:
+    from training.kinds.lora import LoraRecipe
 
 ALPACA_HUB = "yahma/alpaca-cleaned"
 ALPACA_NAMES = ("alpaca-cleaned", ALPACA_HUB)
@@ -155,9 +158,8 @@ def collator(tokenizer, pad_id: int):
 
 # ----------------------------------------------------------------------------- training
 
-def recover(model: nn.Module, tokenizer, spec: dict, *, device: str = "cpu", seed: int = 0) -> dict:
+def recover(model: nn.Module, tokenizer, recipe: "LoraRecipe", *, device: str = "cpu", seed: int = 0) -> dict:
     """Fine-tune LoRA adapters on instruction data, merge them into `model` in place, return a report."""
-    recipe = LoraRecipe.from_spec(spec)
     target = torch.device(device)
     if recipe.precision != "fp32" and target.type != "cuda":
         raise UsageError(f"precision {recipe.precision} is mixed-precision training on a GPU; use fp32 on {target.type}")

@@ -93,6 +93,9 @@ class TrainOptions(BaseModel):
         self._check_maxtext(kind)  # first: the rest checks settings of kinds MaxText does not train
         if kind.needs_steps and self.steps is None:
             raise ValueError(f"kind {self.kind} needs --steps")
+        if self.recipe and not kind.settings:
+            takes = " or ".join(k.settings for k in KINDS.values() if k.settings)
+            raise ValueError(f"--option settings are {takes}; kind {self.kind} takes none")
         kind.check_options(self)
         self._check_domains(kind)
         if self.teacher and not kind.takes_teacher:

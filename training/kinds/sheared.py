@@ -65,7 +65,7 @@ class Shearing(Extension):
         return loss + self.lagrangian
 
     def clip(self, model, max_norm: float):
-        from training.engine import clip_together
+        from training.losses import clip_together
 
         self.average_gradients()
         return clip_together([list(model.parameters()), self.parameters()], max_norm)
