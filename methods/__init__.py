@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
-import torch
 from pydantic import ValidationError
-from torch import nn
 
-from methods import calibration
-from methods.anatomy import check_supported, overall_sparsity, sparsity_by_module
-from methods.core.batching import compute_device
 from methods.core.errors import UsageError
 from methods.options import declared, one_line
 from methods.registry import REGISTRY, Method
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 
 def get(name: str) -> Method:
@@ -55,6 +54,10 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
     `calib_batch` (an int or "auto") is how many calibration samples the layer-by-layer engine feeds
     per call (methods/calibration.py); 1, the default, reproduces the originals exactly.
     """
+    from methods import calibration
+    from methods.anatomy import check_supported, overall_sparsity, sparsity_by_module
+    from methods.core.batching import compute_device
+
     from methods import surgery
 
     method = get(name)
@@ -95,6 +98,8 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
 
 
 def _check_calibration(calib: Optional[torch.Tensor], model: nn.Module) -> None:
+    import torch
+
     if calib is None:
         raise UsageError("this method needs calibration data (--calib)")
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2:

@@ -48,19 +48,18 @@ the paper reports (Wanda-sp calibrates on C4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, List, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, List, Literal, Optional
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from methods import surgery, width_stats
-from methods.anatomy import decoder_layers
-from methods.calibration import LayerInputs, gather_inputs, sequential_layers
 from methods.core.errors import UsageError
 from methods.core.numerics import running_zeros, widened
 from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 NAME = "flap"
 LITERAL_HEAD_WEIGHT = 512.0 / 3
@@ -89,6 +88,8 @@ class InputFluctuation:
     """Running input mean and fluctuation of one Linear, updated as the original's BiasGPT does."""
 
     def __init__(self, in_features: int, device: torch.device, *, fluctuation: bool, exact: bool = False):
+        import torch
+
         self.baseline = torch.zeros(in_features, device=device, dtype=torch.float32)
         self.fluc = torch.zeros(in_features, device=device, dtype=torch.float32)
         self.track = fluctuation
@@ -96,6 +97,8 @@ class InputFluctuation:
         self.nsamples = 0
 
     def add(self, inp: torch.Tensor) -> None:
+        import torch
+
         batch = inp.shape[0] if inp.dim() == 3 else 1
         x = inp.reshape(-1, inp.shape[-1]).t()   # [channels, tokens], model dtype
         seen = self.nsamples
@@ -122,6 +125,8 @@ class LayerStatistics:
 
 def channel_metric(kind: str, weight: torch.Tensor, stat: InputFluctuation,
                    norm: Optional[InputSquaredNorm]) -> torch.Tensor:
+    import torch
+
     if kind == "IFV":
         return stat.fluc.clone()
     if kind == "WIFV":
@@ -132,6 +137,12 @@ def channel_metric(kind: str, weight: torch.Tensor, stat: InputFluctuation,
 def collect_statistics(model: nn.Module, calib: torch.Tensor, options: Options,
                        device: torch.device) -> List[LayerStatistics]:
     """Every layer's metrics and input means, each layer fed the DENSE outputs of the one before."""
+    import torch
+    from torch import nn
+
+    from methods import width_stats
+    from methods.calibration import LayerInputs, gather_inputs, sequential_layers
+
     out: List[LayerStatistics] = []
 
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
@@ -169,11 +180,15 @@ def collect_statistics(model: nn.Module, calib: torch.Tensor, options: Options,
 
 
 def standardize(values: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return (values - torch.mean(values)) / torch.std(values)
 
 
 def unit_weight(layer: nn.Module, options: Options) -> float:
     """An attention unit's cost in MLP channels for the AL-AM budget (see the module docstring)."""
+    from methods import width_stats
+
     _, size, head_dim = width_stats.group_layout(layer)
     weight = LITERAL_HEAD_WEIGHT if options.head_weight == "literal" else (2 * size + 2) * head_dim / 3
     return weight if options.exact_head_weight else float(int(weight))
@@ -181,6 +196,10 @@ def unit_weight(layer: nn.Module, options: Options) -> float:
 
 def select_adaptive(layers, stats: List[LayerStatistics], options: Options):
     """AL-AM: one threshold over the standardised scores of every unit of every layer."""
+    import torch
+
+    from methods import width_stats
+
     attn = [width_stats.per_group(standardize(s.attn_metric), layer).mean(dim=1) for layer, s in zip(layers, stats)]
     mlp = [standardize(s.mlp_metric) for s in stats]
     weights = [unit_weight(layer, options) for layer in layers]
@@ -203,6 +222,8 @@ def select_adaptive(layers, stats: List[LayerStatistics], options: Options):
 
 def select_uniform(layers, stats: List[LayerStatistics], options: Options):
     """UL-UM: every layer loses int(ratio * n) attention units and MLP channels (ties kept)."""
+    from methods import width_stats
+
     attn = [width_stats.per_group(s.attn_metric, layer).sum(dim=1) for layer, s in zip(layers, stats)]
     mlp = [s.mlp_metric for s in stats]
     keep_groups = [width_stats.uniform_keep(a, options.pruning_ratio) for a in attn]
@@ -215,6 +236,8 @@ def select_uniform(layers, stats: List[LayerStatistics], options: Options):
 def compensate(layer: nn.Module, keep_groups: torch.Tensor, keep_channels: torch.Tensor,
                stats: LayerStatistics, device: torch.device) -> None:
     """Add the removed input channels' mean contribution to o_proj's and down_proj's outputs."""
+    from methods import surgery, width_stats
+
     _, size, head_dim = width_stats.group_layout(layer)
     keep_columns = keep_groups.repeat_interleave(size * head_dim)
     attn, mlp = width_stats.scored_linears(layer).values()
@@ -225,6 +248,9 @@ def compensate(layer: nn.Module, keep_groups: torch.Tensor, keep_channels: torch
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    from methods import width_stats
+    from methods.anatomy import decoder_layers
+
     if options.metrics != "WIFN" and calib.shape[0] < 2:
         raise UsageError(f"{NAME}: the {options.metrics} fluctuation needs at least 2 calibration samples, "
                          f"got {calib.shape[0]}")

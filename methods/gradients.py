@@ -13,16 +13,18 @@ the others cast every floating-point parameter.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Literal, Optional, get_args
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Optional, get_args
 
 from methods.core.errors import UsageError
 
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
+
 # The one declaration of the option's values; both methods' Options use this type.
 GradDtype = Literal["model", "float32", "float16", "bfloat16"]
-GRAD_DTYPES = dict(zip(get_args(GradDtype), (None, torch.float32, torch.float16, torch.bfloat16)))
+# The dtype names (torch's) of each choice; "model" keeps the model's own.
+GRAD_DTYPES = dict(zip(get_args(GradDtype), (None, "float32", "float16", "bfloat16")))
 
 
 @contextlib.contextmanager
@@ -33,7 +35,9 @@ def on_device(model: nn.Module, device: torch.device, grad_dtype: str,
     Afterwards every parameter holds its own tensor again, with its requires_grad flag and no
     gradient.
     """
-    dtype: Optional[torch.dtype] = GRAD_DTYPES[grad_dtype]
+    import torch
+
+    dtype: Optional[torch.dtype] = getattr(torch, GRAD_DTYPES[grad_dtype]) if GRAD_DTYPES[grad_dtype] else None
     trainable_ids = {id(p) for p in trainable}
     saved = []
     for param in model.parameters():
@@ -60,6 +64,8 @@ def on_device(model: nn.Module, device: torch.device, grad_dtype: str,
 
 def backward(model: nn.Module, tokens: torch.Tensor) -> None:
     """Accumulate dL/dW of the mean causal-LM loss over `tokens` (labels = inputs) into `.grad`."""
+    import torch
+
     ids = tokens.to(device=model.get_input_embeddings().weight.device, dtype=torch.long)
     with torch.enable_grad():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss

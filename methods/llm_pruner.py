@@ -60,17 +60,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Annotated, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
-from methods import gradients, surgery
-from methods.anatomy import anatomy_of, attention_shape, decoder_layers, final_norm, mlp_width, parts
+from methods import gradients
 from methods.architectures import submodule
 from methods.core.errors import UsageError
 from methods.options import method_options
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 # importance name -> (criterion, variant): the original's --pruner_type / --taylor.
 IMPORTANCE = {
@@ -128,6 +129,9 @@ class Options:
 # ----------------------------------------------------------------------------- entry point
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    from methods import surgery
+    from methods.anatomy import decoder_layers
+
     layers = decoder_layers(model)
     criterion, variant = IMPORTANCE[options.importance]
     if options.mode == "block":
@@ -231,6 +235,8 @@ class Group:
 
     def keep(self, scores: torch.Tensor) -> List[int]:
         """Dense indices of the units that survive, ascending (the original slices, keeping order)."""
+        import torch
+
         drop = set(torch.argsort(scores)[: self.removed_units].tolist())
         return [u for u in range(scores.numel()) if u not in drop]
 
@@ -244,6 +250,9 @@ class LayerPlan:
 
 
 def _layer_plan(layer: nn.Module, index: int, options: Options) -> LayerPlan:
+    from methods import surgery
+    from methods.anatomy import attention_shape, mlp_width, parts
+
     heads, kv_heads, dim = attention_shape(layer)
     surgery.kv_group_of(layer)  # refuses query heads that do not split evenly over key/value heads
     found = parts(layer)
@@ -263,6 +272,8 @@ def _layer_plan(layer: nn.Module, index: int, options: Options) -> LayerPlan:
 
 
 def _hidden_group(model: nn.Module, options: Options) -> Group:
+    from methods.anatomy import anatomy_of, decoder_layers, final_norm, parts
+
     embed = model.get_input_embeddings()
     anatomy = anatomy_of(model)
     members: List[Member] = [Member("embed_tokens", embed.weight, "embed")]
@@ -293,6 +304,8 @@ def _hidden_group(model: nn.Module, options: Options) -> Group:
 def _score(model: nn.Module, groups: Sequence[Group], calib: torch.Tensor, criterion: str, variant,
            options: Options, device: torch.device) -> Dict[int, torch.Tensor]:
     """Per group: the unit scores the original ranks (heads / key-value groups, channels)."""
+    import torch
+
     out: Dict[int, torch.Tensor] = {}
     if criterion == "random":
         for group in groups:
@@ -372,6 +385,8 @@ def _taylor_gradients(model: nn.Module, calib: torch.Tensor, weights: List[torch
     """G (one backward of the mean causal-LM loss over the whole batch) and, for second-order
     criteria, A = sum_n g_n * g_n / N from one backward per sample, computed first as the original
     does, in the weights' dtype."""
+    import torch
+
     tokens = calib.to(device)
     samples = tokens.shape[0]
     acc: Dict[int, torch.Tensor] = {}
@@ -394,6 +409,8 @@ def _taylor_gradients(model: nn.Module, calib: torch.Tensor, weights: List[torch
 
 def _query_heads(layer: nn.Module, kept: List[int]) -> Tuple[List[int], List[int]]:
     """Units kept by the attention group -> (query heads, key/value heads) of the dense layer."""
+    from methods.anatomy import attention_shape
+
     heads, kv_heads, _ = attention_shape(layer)
     if heads == kv_heads:
         return kept, kept
@@ -403,6 +420,8 @@ def _query_heads(layer: nn.Module, kept: List[int]) -> Tuple[List[int], List[int
 
 def _dense_units(layers: Sequence[nn.Module]) -> List[dict]:
     """Every unit of every layer, as dense indices: the report of a layer nothing is removed from."""
+    from methods.anatomy import attention_shape, mlp_width
+
     out = []
     for layer in layers:
         heads, kv_heads, _ = attention_shape(layer)

@@ -1,15 +1,16 @@
 """Magnitude pruning (the baseline of the Wanda paper): |W|, no calibration, no weight update."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from methods.anatomy import prunable_linears
 from methods.options import method_options
 from methods.sparsity import SparseOptions, magnitude_mask
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 
 @method_options
@@ -19,6 +20,10 @@ class Options(SparseOptions):
 
 
 def prune(model: nn.Module, calib: Optional[torch.Tensor], options: Options, device: torch.device) -> dict:
+    import torch
+
+    from methods.anatomy import prunable_linears
+
     linears = prunable_linears(model)
     pattern = options.checked_pattern(linears)
     with torch.no_grad():

@@ -23,16 +23,16 @@ Scorers:
 """
 from __future__ import annotations
 
-from typing import Annotated, Callable, List, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, List, Literal, Optional
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
-from methods import depth, surgery
 from methods.core.errors import UsageError
 from methods.options import method_options
-from methods.scoring import TaskSpec, cell_value, known_tasks, perplexity, run_tasks
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 PPL = "ppl"
 
@@ -51,6 +51,8 @@ class Options:
 
     @model_validator(mode="after")
     def _check_scorer(self) -> "Options":
+        from methods.scoring import known_tasks
+
         if self.score != PPL and self.score not in known_tasks():
             raise ValueError(f"unknown scoring task {self.score!r}: not 'ppl' and not an lm-eval task "
                              "(nor one of the kit's methods/core/assets/tasks)")
@@ -61,6 +63,8 @@ class Options:
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device,
           tokenizer=None) -> dict:
+    from methods import depth, surgery
+
     count = options.remove_layers
     total = surgery.check_removable(model, count)
     if options.score != PPL and tokenizer is None:
@@ -92,6 +96,10 @@ def choose(candidates: List[float], baseline: float, select: str, *, higher_is_b
 
 
 def _scorer(options: Options, calib: torch.Tensor, tokenizer) -> Callable[[nn.Module], float]:
+    from torch import nn
+
+    from methods.scoring import TaskSpec, cell_value, perplexity, run_tasks
+
     if options.score == PPL:
         return lambda model: perplexity(model, calib, "minitron")
     spec = TaskSpec(options.score, num_fewshot=options.num_fewshot, metric="acc")

@@ -35,18 +35,18 @@ num_heads / kv_heads heads; every key/value head stays. head_dim never changes.
 """
 from __future__ import annotations
 
-from typing import Annotated, Dict, List, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Dict, List, Literal, Optional
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from methods import depth, surgery
-from methods.anatomy import anatomy_of, attention_shape, decoder_layers, mlp_width, parts
 from methods.architectures import submodule
 from methods.core.errors import UsageError
 from methods.core.numerics import running_zeros, widened
 from methods.options import method_options
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 
 @method_options
@@ -64,6 +64,8 @@ class Importance:
     """One accumulator per hooked tensor, aggregated over calibration passes by one of the rules."""
 
     def __init__(self, size: int, aggregation: str, device: torch.device):
+        import torch
+
         self.aggregation = aggregation
         self.total = torch.zeros(size, dtype=torch.float32, device=device)
 
@@ -83,6 +85,9 @@ class Importance:
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    from methods import depth, surgery
+    from methods.anatomy import decoder_layers
+
     layers = decoder_layers(model)
     _check_targets(model, options)
     with depth.on_device(model, device):
@@ -106,6 +111,9 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
 
 def gather(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> Dict[str, list]:
     """Run the calibration rows once through the dense model with every hook in place."""
+    from methods import depth
+    from methods.anatomy import anatomy_of, decoder_layers, parts
+
     hidden = model.get_input_embeddings().weight.shape[1]
     stats: Dict[str, list] = {"norms": [], "mlp": [], "heads": []}
     handles = []
@@ -140,17 +148,23 @@ def gather(model: nn.Module, calib: torch.Tensor, options: Options, device: torc
 
 def top(score: torch.Tensor, size: int) -> List[int]:
     """The `size` highest-scoring indices, highest first (the collection's torch.sort, descending)."""
+    import torch
+
     return torch.sort(score, descending=True).indices[:size].tolist()
 
 
 def head_importance(layer: nn.Module, channel_score: torch.Tensor) -> torch.Tensor:
     """Per query head: the L2 norm of its channels' importance."""
+    from methods.anatomy import attention_shape
+
     heads, _, dim = attention_shape(layer)
     return channel_score.reshape(heads, dim).norm(dim=1)
 
 
 def heads_to_keep(layer: nn.Module, head_score: torch.Tensor, num_heads: int) -> List[int]:
     """The best num_heads / kv_heads query heads of every key/value group."""
+    from methods import surgery
+
     groups = surgery.kv_group_of(layer)
     kv_heads = max(groups) + 1
     per_group = num_heads // kv_heads
@@ -163,6 +177,8 @@ def heads_to_keep(layer: nn.Module, head_score: torch.Tensor, num_heads: int) ->
 
 
 def _check_targets(model: nn.Module, options: Options) -> None:
+    from methods.anatomy import attention_shape, decoder_layers, mlp_width
+
     hidden = model.get_input_embeddings().weight.shape[1]
     if options.hidden_size > hidden:
         raise UsageError(f"hidden_size {options.hidden_size} is larger than the model's {hidden}")

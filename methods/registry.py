@@ -27,6 +27,9 @@ class Method:
     # Its calibration statistics are sums over samples, so the engine may feed samples in chunks
     # (`--calib-batch`); the default batch 1 is what reproduces the original bit for bit.
     batched_calibration: bool = False
+    # The module holding `prune`, where it is not `module`: one whose kernel needs torch at import (an
+    # nn.Module of its own) keeps its options in a module that does not, for `lpc prune --help`.
+    kernel: Optional[str] = None
 
     @property
     def trains(self) -> bool:
@@ -44,7 +47,7 @@ class Method:
 
     @property
     def run(self) -> Callable[..., dict]:
-        return importlib.import_module(f"methods.{self.module}").prune
+        return importlib.import_module(f"methods.{self.kernel or self.module}").prune
 
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (
@@ -60,7 +63,8 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
     Method("minitron-depth", "minitron_depth", needs_calibration=True, family="minitron", needs_tokenizer=True),
     Method("shortgpt", "shortgpt", needs_calibration=True, family="minitron"),
     Method("shortened", "shortened", needs_calibration=True, family="shortened"),
-    Method("sheared", "sheared", needs_calibration=False, family="train", training_kind="sheared"),
+    Method("sheared", "sheared", needs_calibration=False, family="train", training_kind="sheared",
+           kernel="sheared_model"),
 )}
 
 

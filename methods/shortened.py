@@ -21,19 +21,18 @@ blocks 0-3 and the last two out of the candidates; ``plus_heuristic=False`` is t
 from __future__ import annotations
 
 import math
-from typing import Annotated, List, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Annotated, List, Literal, Optional, Sequence
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from methods import gradients, surgery
-from methods.anatomy import anatomy_of, decoder_layers
-from methods.depth import input_device, layers_skipped, on_device
+from methods import gradients
 from methods.core.errors import UsageError
 from methods.core.numerics import widened
 from methods.options import method_options
-from methods.scoring import perplexity
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 FIRST_KEPT = 4   # blocks 0..3 are never candidates under "+"
 LAST_KEPT = 2    # nor are the last two
@@ -60,6 +59,9 @@ class Options:
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    from methods import surgery
+    from methods.depth import on_device
+
     total = surgery.check_removable(model, options.remove_layers)
     pool = candidates(range(total), total, options.plus_heuristic)
     if options.remove_layers > len(pool):
@@ -113,6 +115,10 @@ def blocks_to_remove(order: Sequence[int], k: int, num_layers: int, plus_heurist
 
 def ppl_scores(model: nn.Module, calib: torch.Tensor) -> List[float]:
     """Per block b: the calibration perplexity of the model with b skipped (no weight is copied)."""
+    from methods.anatomy import decoder_layers
+    from methods.depth import layers_skipped
+    from methods.scoring import perplexity
+
     scores = []
     for block in range(len(decoder_layers(model))):
         with layers_skipped(model, [block]):
@@ -127,6 +133,11 @@ def taylor_scores(model: nn.Module, calib: torch.Tensor, options: Options,
     """Per block: the reduction of its weights' |W * G|^p scores (see the module docstring).
 
     The pass runs on `device` (default: where the model is)."""
+    import torch
+
+    from methods.anatomy import anatomy_of, decoder_layers
+    from methods.depth import input_device
+
     weights = [[(name, p) for name, p in layer.named_parameters() if "weight" in name]
                for layer in decoder_layers(model)]
     anatomy = anatomy_of(model)
@@ -158,6 +169,8 @@ def _weight_score(salience: torch.Tensor, name: str, options: Options) -> float:
 
 
 def _reduce(values: torch.Tensor, how: str) -> torch.Tensor:
+    import torch
+
     if how == "sum":
         return values.sum(dim=0)
     if how == "mean":

@@ -32,18 +32,16 @@ the model's fp16/bf16, where the dot products of large hidden states can overflo
 from __future__ import annotations
 
 import random
-from typing import Annotated, Dict, List, Literal
+from typing import TYPE_CHECKING, Annotated, Dict, List, Literal
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import nn
 
-from methods import depth, surgery
-from methods.anatomy import decoder_layers, final_norm
 from methods.core.numerics import widened
 from methods.options import method_options
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 
 @method_options
@@ -64,6 +62,10 @@ class Options:
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    import numpy as np
+
+    from methods import depth, surgery
+
     count = options.remove_layers
     total = surgery.check_removable(model, count)
     if options.variant == "random":
@@ -89,6 +91,12 @@ def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch
 
 def collection_bi(model: nn.Module, calib: torch.Tensor) -> List[float]:
     """Per layer: mean over passes of (1 - mean over tokens of cos(layer input, layer output))."""
+    import torch
+    import torch.nn.functional as F
+
+    from methods import depth
+    from methods.anatomy import decoder_layers
+
     sums = [0.0] * len(decoder_layers(model))
 
     def on_layer(index: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
@@ -109,6 +117,11 @@ def lowest_collection(scores: List[float], count: int) -> List[int]:
 def _hidden_states(model: nn.Module, row: torch.Tensor) -> List[torch.Tensor]:
     """output_hidden_states semantics from hooks (version-proof): the inputs of layers 0..L-1, then
     the final norm's output. Each [tokens, hidden] in float32."""
+    import torch
+
+    from methods import depth
+    from methods.anatomy import final_norm
+
     states: Dict[int, torch.Tensor] = {}
 
     def on_layer(index: int, hidden_in: torch.Tensor, _out: torch.Tensor) -> None:
@@ -127,6 +140,9 @@ def _hidden_states(model: nn.Module, row: torch.Tensor) -> List[torch.Tensor]:
 
 
 def unofficial_bi(model: nn.Module, calib: torch.Tensor) -> List[float]:
+    from methods import depth
+    from methods.anatomy import decoder_layers
+
     total = len(decoder_layers(model))
     importances = [0.0] * total
     for row in calib:
@@ -138,6 +154,11 @@ def unofficial_bi(model: nn.Module, calib: torch.Tensor) -> List[float]:
 
 
 def unofficial_angular(model: nn.Module, calib: torch.Tensor, count: int) -> List[float]:
+    import torch
+
+    from methods import depth
+    from methods.anatomy import decoder_layers
+
     total = len(decoder_layers(model))
     importances = [0.0] * total
     for row in calib:

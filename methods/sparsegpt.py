@@ -5,16 +5,16 @@ OBS weight reconstruction (`methods.sparsity.sparsegpt_prune`); sequential acros
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
-from methods.anatomy import linear_layers, prunable_linears
-from methods.calibration import LayerInputs, SharedInputStatistics, gather_inputs, sequential_layers
 from methods.options import method_options
 from methods.sparsity import Hessian, SparseOptions, hessian_factor, sparsegpt_prune
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 
 @method_options
@@ -32,6 +32,12 @@ class Options(SparseOptions):
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    import torch
+    from torch import nn
+
+    from methods.anatomy import linear_layers, prunable_linears
+    from methods.calibration import LayerInputs, SharedInputStatistics, gather_inputs, sequential_layers
+
     pattern = options.checked_pattern(prunable_linears(model))
 
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Annotated, Optional, Tuple, Union
 
-import torch
 from pydantic import Field, model_validator
 
 from methods.core.errors import UsageError
-from methods.core.numerics import running_zeros, widened
 from methods.options import method_options
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     One `topk(largest=False)` per [rows, M] slice, as the originals do column block by column block;
     the slices are batched here, which leaves topk's per-slice tie order unchanged (tested).
     """
+    import torch
+
+    from methods.core.numerics import widened
+
     rows, cols = scores.shape
     blocks = widened(scores).reshape(rows, cols // m, m)
     lowest = torch.topk(blocks, n, dim=-1, largest=False)[1]
@@ -116,6 +121,8 @@ def magnitude_mask(weight: torch.Tensor, pattern: SparsityPattern, *, exact_coun
     than the ratio asks, plus ties (and one entry at ratio 0). `exact_count=True` zeroes exactly
     int(ratio * numel) entries instead (stable order among ties).
     """
+    import torch
+
     scores = weight.abs()
     if pattern.is_nm:
         return nm_mask(scores, pattern.n, pattern.m)
@@ -130,11 +137,15 @@ def magnitude_mask(weight: torch.Tensor, pattern: SparsityPattern, *, exact_coun
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """`sort(values)[k]` (0-based), the originals' threshold, by selection instead of a full sort."""
+    import torch
+
     return torch.kthvalue(values, k + 1).values
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_j||: the Wanda score, from the running mean of squared input norms."""
+    import torch
+
     return weight.abs() * torch.sqrt(input_sq_norm.reshape(1, -1))
 
 
@@ -152,6 +163,8 @@ def row_lowest_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     Exactly the first k of a stable ascending sort (what the original takes), found by selection:
     everything below the row's k-th smallest value, then the earliest entries equal to it.
     """
+    import torch
+
     if k == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
@@ -168,10 +181,16 @@ class InputSquaredNorm:
     """
 
     def __init__(self, in_features: int, device: torch.device):
+        import torch
+
         self.value = torch.zeros(in_features, device=device, dtype=torch.float32)
         self.nsamples = 0
 
     def add(self, inp: torch.Tensor) -> None:
+        import torch
+
+        from methods.core.numerics import running_zeros, widened
+
         batch = inp.shape[0] if inp.dim() == 3 else 1
         x = widened(inp.reshape(-1, inp.shape[-1]).t())
         self.value = running_zeros(self.value, x)
@@ -184,10 +203,14 @@ class Hessian:
     """SparseGPT's H = (2/N) Σ x xᵀ, kept as a running average over samples in fp32 (fp64 for fp64 inputs)."""
 
     def __init__(self, in_features: int, device: torch.device):
+        import torch
+
         self.value = torch.zeros((in_features, in_features), device=device, dtype=torch.float32)
         self.nsamples = 0
 
     def add(self, inp: torch.Tensor) -> None:
+        from methods.core.numerics import running_zeros, widened
+
         batch = inp.shape[0] if inp.dim() == 3 else 1
         x = inp.reshape(-1, inp.shape[-1]).t()
         self.value = running_zeros(self.value, x)
@@ -209,6 +232,8 @@ class HessianFactor:
 def hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> HessianFactor:
     """Dead columns get H_jj = 1, the diagonal is damped by `percdamp` of its mean, then
     U = chol(H⁻¹)ᵀ: the original's sequence of operations, so the factor is bit for bit the same."""
+    import torch
+
     H = hessian.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -231,6 +256,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: Union[torch.Tensor, HessianFa
     updated weights. Each pruned column's error is propagated inside the block at once and to later
     blocks in one lazy batch update.
     """
+    import torch
+
+    from methods.core.numerics import widened
+
     factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, percdamp)
     W = widened(weight.detach().clone())
     columns = W.shape[1]

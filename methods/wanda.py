@@ -5,17 +5,23 @@ still-dense layer; across layers the process is sequential (layer i+1 sees the p
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from methods.anatomy import linear_layers, prunable_linears
-from methods.calibration import LayerInputs, SharedInputStatistics, gather_inputs, sequential_layers
 from methods.sparsity import InputSquaredNorm, SparseOptions, wanda_mask
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 Options = SparseOptions
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    from torch import nn
+
+    from methods.anatomy import linear_layers, prunable_linears
+    from methods.calibration import LayerInputs, SharedInputStatistics, gather_inputs, sequential_layers
+
     pattern = options.checked_pattern(prunable_linears(model))
 
     def handle_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> None:

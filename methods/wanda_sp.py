@@ -27,19 +27,17 @@ the samples it is given.
 """
 from __future__ import annotations
 
-from typing import Annotated, Dict, List, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Dict, List, Literal, Optional
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from methods import width_stats
-from methods.anatomy import decoder_layers
-from methods.calibration import LayerInputs, gather_inputs, sequential_layers
 from methods.core.numerics import widened
 from methods.options import method_options
 from methods.sparsity import InputSquaredNorm
 
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
+    from torch import nn
 
 
 @method_options
@@ -53,12 +51,21 @@ class Options:
 
 def column_scores(weight: torch.Tensor, squared_norm: Optional[torch.Tensor]) -> torch.Tensor:
     """One score per input column: Wanda's row-mean of |W| * sqrt(a), or (no statistic) ||W[:, j]||₂."""
+    import torch
+
     if squared_norm is None:
         return widened(torch.norm(weight, dim=0))  # in the weights' dtype, as the original
     return (widened(weight.abs()) * torch.sqrt(squared_norm.reshape(1, -1))).mean(dim=0)
 
 
 def prune(model: nn.Module, calib: torch.Tensor, options: Options, device: torch.device) -> dict:
+    import torch
+    from torch import nn
+
+    from methods import width_stats
+    from methods.anatomy import decoder_layers
+    from methods.calibration import LayerInputs, gather_inputs, sequential_layers
+
     head_scores: List[List[float]] = []
     channel_scores: List[List[float]] = []
     layers: List[Dict[str, List[int]]] = []

@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command in ("prune", "repro", "train", "eval"):
             from methods.core.models import quiet_transformers
 
-            quiet_transformers()
+            quiet_transformers()  # without importing transformers: a refused command stays fast
         return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff, "train": cmd_train,
                 "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
     except UsageError as exc:
@@ -212,7 +212,7 @@ def cmd_prune(args) -> int:
 
 def _prune_request(args):
     import methods
-    from methods import calibration
+    from methods.core.batching import parse_batch_size
     from repro.flags import method_options, training_settings
     from repro.requests import PruneRequest
 
@@ -224,7 +224,7 @@ def _prune_request(args):
     if training is None and given:
         raise UsageError(f"--{given[0].replace('_', '-')} is a training setting; method {args.method!r} does not train")
     return PruneRequest(model=args.model, method=args.method, out=args.out, options=options, calib=args.calib,
-                        nsamples=args.nsamples, calib_batch=calibration.parse_batch(args.calib_batch),
+                        nsamples=args.nsamples, calib_batch=parse_batch_size("calibration batch", args.calib_batch),
                         seqlen=None if training is not None else args.seqlen, seed=args.seed, dtype=args.dtype,
                         compute_dtype=args.compute_dtype, revision=args.revision, device=args.device,
                         training=training)

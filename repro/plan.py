@@ -172,9 +172,11 @@ def work_dir(results_root: Path, profile: str, method: str, work_root: Optional[
 
 
 def check_device(recipe: Recipe) -> None:
+    device = recipe.config.get("device", "cpu")
+    if not device.startswith("cuda"):
+        return
     import torch
 
-    device = recipe.config.get("device", "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise UsageError(f"profile {recipe.profile!r} needs a CUDA GPU and none is visible; "
                          "on this machine run PROFILE=smoke")

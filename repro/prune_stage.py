@@ -88,6 +88,7 @@ def prune(request: PruneRequest, *, overwrite: bool = False, cache: Optional[dic
 
 def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) -> dict:
     import methods
+    from methods.anatomy import check_supported
     from repro import data
     from repro.evaluate import model_seqlen
     from methods.core.models import load_model, save_with_manifest, torch_dtype
@@ -99,7 +100,7 @@ def _prune(request: PruneRequest, method, stamp: str, tokens, cache: dict, log) 
     start = time.perf_counter()
     compute_dtype = request.compute_dtype or request.dtype
     model, tokenizer = load_model(request.model, dtype=compute_dtype, revision=request.revision)
-    methods.check_supported(model)  # an architecture without a declaration, refused before any compute
+    check_supported(model)  # an architecture without a declaration, refused before any compute
     timings["load"] = time.perf_counter() - start
     calib = calibration = None
     if method.needs_calibration:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import methods
-from methods import sheared
+from methods import sheared, sheared_model
 from methods.scoring import perplexity
 from methods.sparsity import Hessian, InputSquaredNorm, SparsityPattern, hessian_factor, sparsegpt_prune, wanda_mask
 from tests.conftest import ARCHITECTURES, tiny_model
@@ -296,11 +296,11 @@ TARGET = {"hidden_size": 24, "num_attention_heads": 2, "num_key_value_heads": 1,
 def test_sheared_gates_fold_and_prune_to_exactly_the_masked_model(arch):
     model = tiny_model(arch)
     plain = logits(model)
-    masking = sheared.Masking(model, mask_embedding=True)
-    ones = sheared.Zs(torch.ones(3, KV), torch.ones(3, 64), torch.ones(3), torch.ones(32))
+    masking = sheared_model.Masking(model, mask_embedding=True)
+    ones = sheared_model.Zs(torch.ones(3, KV), torch.ones(3, 64), torch.ones(3), torch.ones(32))
     with masking.using(ones):  # every gate open: the masked norms are the stock norms
         torch.testing.assert_close(logits(model), plain, rtol=1e-5, atol=1e-5)
-    gates = sheared.Gates(sheared.shape_of(model.config), sheared.head_dim_of(model.config),
+    gates = sheared_model.Gates(sheared.shape_of(model.config), sheared.head_dim_of(model.config),
                           sheared.target_for(model.config, TARGET), warmup_steps=4)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

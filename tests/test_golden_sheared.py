@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import methods
-from methods import sheared
+from methods import sheared, sheared_model
 from methods.core.compat import dtype_kwarg
 from tests.conftest import GOLDEN, golden_manifests, golden_params, golden_path
 from training.data import update_proportions
@@ -91,15 +91,15 @@ def _model(manifest):
     return model
 
 
-def _gates(manifest, model, *, targeted=True) -> sheared.Gates:
+def _gates(manifest, model, *, targeted=True) -> sheared_model.Gates:
     arrays = _npz(manifest, "sheared_l0__")
     config = manifest["config"]
     source, head_dim = sheared.shape_of(model.config), sheared.head_dim_of(model.config)
     if targeted:
-        gates = sheared.Gates(source, head_dim, sheared.target_for(model.config, _target(manifest)),
+        gates = sheared_model.Gates(source, head_dim, sheared.target_for(model.config, _target(manifest)),
                               warmup_steps=_warmup(manifest), start_sparsity=config["start_sparsity"])
     else:
-        gates = sheared.Gates(source, head_dim, target_sparsity=config["untargeted_target_sparsity"],
+        gates = sheared_model.Gates(source, head_dim, target_sparsity=config["untargeted_target_sparsity"],
                               warmup_steps=_warmup(manifest), start_sparsity=config["start_sparsity"])
     with torch.no_grad():
         for m in sheared.GATE_SETS:
@@ -120,7 +120,7 @@ def _eval_rows():
     return torch.from_numpy(np.load(golden_path("eval.npy"))).long()
 
 
-def _assert_zs(zs: sheared.Zs, arrays, prefix):
+def _assert_zs(zs: sheared_model.Zs, arrays, prefix):
     for m in sheared.GATE_SETS:
         _close(getattr(zs, m), arrays[f"{prefix}/{ZS_KEYS[m]}"])
     _close(zs.layer, arrays[f"{prefix}/head_layer_z"])
@@ -172,7 +172,7 @@ def test_untargeted_gate_maths(manifest):
 # ----------------------------------------------------------------------------- masked forward
 
 def _logits(model, zs, *, mask_embedding):
-    masking = sheared.Masking(model, mask_embedding=mask_embedding)
+    masking = sheared_model.Masking(model, mask_embedding=mask_embedding)
     try:
         with torch.no_grad(), masking.using(zs):
             return model(input_ids=_eval_rows()).logits
@@ -223,7 +223,7 @@ def test_gradients_of_the_objective(manifest):
     model = _model(manifest)
     model.requires_grad_(False)
     ids = _eval_rows()
-    masking = sheared.Masking(model, mask_embedding=False)
+    masking = sheared_model.Masking(model, mask_embedding=False)
     try:
         for step in manifest["config"]["steps"]:
             for which, with_ce in (("total_loss_grad", True), ("lag_grad", False)):

@@ -139,3 +139,26 @@ def test_training_kinds_are_compared_by_name_only_in_their_registry():
                  if not name.startswith("training.kinds")
                  for number, line in enumerate(path.read_text().splitlines(), 1) if comparison.search(line)]
     assert not offenders, offenders
+
+
+REFUSALS = [["--help"], ["prune", "--help"], ["train", "--help"], ["repro", "--help"], ["diff", "--help"],
+            ["prune", "--model", "smoke", "--method", "nope", "--out", "o"],
+            ["prune", "--model", "smoke", "--method", "flap", "--pruning-ratio", "1.5", "--calib", "smoke", "--out", "o"],
+            ["train", "--model", "m", "--kind", "nope", "--data", "d", "--steps", "1", "--global-batch", "1",
+             "--micro-batch", "1", "--seqlen", "8", "--lr", "1", "--out", "o"],
+            ["repro", "wanda", "--rows", "nope"], ["diff", "nope"]]
+
+
+def test_help_and_refusals_import_neither_torch_nor_transformers():
+    """Help and the refusal of bad input stay fast (`make bench` times them): they must not pay for
+    torch and transformers, which only the work itself needs."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom repro.cli import main\nfor argv in json.loads(sys.argv[1]):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'datasets') if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(REFUSALS)], cwd=REPO, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], proc.stdout[-2000:] + proc.stderr[-2000:]

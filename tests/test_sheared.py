@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import methods
-from methods import sheared
+from methods import sheared, sheared_model
 from methods.core.errors import UsageError
 from repro.cli import main
 from tests.conftest import kill_lpc_at, lpc, tiny_llama
@@ -49,7 +49,7 @@ def test_the_papers_targets_and_their_sparsities():
     for name, (size, overall, per_set) in expected.items():
         target = sheared.target_for(config, name)
         assert sheared.prunable_size(target, 128) == size
-        gates = sheared.Gates(source, 128, target, warmup_steps=10)
+        gates = sheared_model.Gates(source, 128, target, warmup_steps=10)
         assert gates.full_target_sparsity() == pytest.approx(overall, abs=5e-5)
         for m, value in per_set.items():
             assert gates.full_target_sparsity(m) == pytest.approx(value, abs=5e-5), (name, m)
@@ -91,7 +91,7 @@ def test_a_gqa_source_takes_a_preset_only_with_its_own_groups(tmp_path):
 
 def _spread_gates(model, target=TARGET, seed=0):
     """Gates whose log-alphas are spread over their range, as after some shearing."""
-    gates = sheared.Gates(sheared.shape_of(model.config), sheared.head_dim_of(model.config),
+    gates = sheared_model.Gates(sheared.shape_of(model.config), sheared.head_dim_of(model.config),
                           sheared.target_for(model.config, target), warmup_steps=4)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_the_corrected_fold_prunes_to_exactly_the_masked_model(tied, tmp_path):
 
     model = tiny_llama(num_kv_heads=2, num_hidden_layers=4, tie_word_embeddings=tied)
     gates = _spread_gates(model)
-    masking = sheared.Masking(model, mask_embedding=True)
+    masking = sheared_model.Masking(model, mask_embedding=True)
     with torch.no_grad(), masking.using(gates.deterministic(target=True)):
         masked = model(input_ids=_ids()).logits
     masking.remove()
@@ -131,7 +131,7 @@ def test_the_corrected_fold_prunes_to_exactly_the_masked_model(tied, tmp_path):
 def test_the_originals_fold_scales_the_head_by_the_hidden_gates_twice():
     model = tiny_llama(num_kv_heads=2, num_hidden_layers=4)
     gates = _spread_gates(model)
-    masking = sheared.Masking(model, mask_embedding=True)
+    masking = sheared_model.Masking(model, mask_embedding=True)
     with torch.no_grad(), masking.using(gates.deterministic(target=True)):
         masked = model(input_ids=_ids()).logits
     masking.remove()
@@ -216,7 +216,7 @@ def test_the_embedding_is_unmasked_while_shearing_unless_asked():
     zs = _spread_gates(model).deterministic(target=True)
     outputs = {}
     for flag in (False, True):
-        masking = sheared.Masking(model, mask_embedding=flag)
+        masking = sheared_model.Masking(model, mask_embedding=flag)
         seen = []
         handle = model.model.layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
         with torch.no_grad(), masking.using(zs):

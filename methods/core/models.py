@@ -31,7 +31,15 @@ def torch_dtype(name: str):
 
 
 def quiet_transformers() -> None:
-    """No progress bars or advisory warnings from transformers on a command line's stderr."""
+    """No progress bars or advisory warnings from transformers on a command line's stderr: through the
+    environment variables it reads when imported, or its logging module when it already is."""
+    import os
+    import sys
+
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     from transformers.utils import logging
 
     logging.set_verbosity_error()

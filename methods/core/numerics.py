@@ -8,10 +8,15 @@ bfloat16 models these are exactly `.float()` and float32 buffers, so the origina
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only; the functions import what they compute with
+    import torch
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    import torch
+
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -22,5 +27,7 @@ def widened(tensor: torch.Tensor) -> torch.Tensor:
 
 def running_zeros(current: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A statistic's zero-initialised buffer, widened to float64 the first time a float64 input arrives."""
+    import torch
+
     wanted = accumulation_dtype(like.dtype)
     return current if current.dtype == wanted or wanted != torch.float64 else current.to(wanted)

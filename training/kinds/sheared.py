@@ -34,12 +34,13 @@ class Shearing(Extension):
         import torch
 
         import methods
-        from methods import sheared
+        from methods import sheared_model
 
         self.options = methods.make_options(methods.get("sheared"), options.recipe)
         self.seed, self.run = options.seed, run
-        self.gates = sheared.Gates.for_model(model, self.options, steps=options.steps, seed=options.seed).to(run.device)
-        self.masking = sheared.Masking(model, mask_embedding=self.options.mask_embedding)
+        self.gates = sheared_model.Gates.for_model(model, self.options, steps=options.steps, seed=options.seed).to(
+            run.device)
+        self.masking = sheared_model.Masking(model, mask_embedding=self.options.mask_embedding)
         scale = self.options.mask_lr / options.lr
         self.optimizer = torch.optim.AdamW(
             [{"params": list(self.gates.log_alpha.values()), "lr_scale": scale},
