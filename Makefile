@@ -163,7 +163,7 @@ report: $(VENV)/.stamp
 	set -o pipefail; $(VENV)/bin/lpc diff --all --results-dir $(RESULTS) | tee $(RESULTS)/report.md
 
 bench: setup
-	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json
+	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json --markdown docs/bench-figures.md
 	$(VENVMT)/bin/python -m repro.bench --maxtext-eval smoke --out bench/out/bench-maxtext.json
 
 clean:

@@ -245,6 +245,8 @@ PARTS = ("prune", "smoke-row", "eval-parity", "train")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m repro.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/out/bench.json"))
+    parser.add_argument("--markdown", type=Path, help="also write the printed figures as a page (make bench: "
+                                                       "docs/bench-figures.md)")
     parser.add_argument("--only", help=f"comma-separated parts to run: {', '.join(PARTS)} (default: all)")
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--model", default="smoke")
@@ -303,7 +305,29 @@ def main(argv=None) -> int:
 
     write_json_atomic(args.out, {"results": results, "provenance": provenance()})
     print(f"wrote {args.out}")
+    if args.markdown:
+        write_markdown(args.markdown, results, provenance())
+        print(f"wrote {args.markdown}")
     return 0
+
+
+def write_markdown(path: Path, results: list, where: dict) -> None:
+    """The figures of a bench run as a page (docs/bench-figures.md): what the printers print, with the
+    machine and commit they were measured on, so that the docs quote a file `make bench` wrote."""
+    import contextlib
+    import io
+
+    from methods.core.provenance import machine_summary
+    from methods.core.results import write_text_atomic
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        for result in results:
+            PRINTERS[result["bench"]](result)
+    write_text_atomic(path, "<!-- Written by `make bench` (python -m repro.bench --markdown): do not edit by hand. -->\n\n"
+                      f"# Benchmark figures\n\nMeasured at commit {(where.get('git_sha') or '?')[:12]} on "
+                      f"{machine_summary(where.get('hardware') or {})}. What each figure is: "
+                      "[benchmarks.md](benchmarks.md).\n\n```\n" + text.getvalue() + "```\n")
 
 
 def _run_here(item: str, args) -> dict:
