@@ -55,7 +55,7 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
     per call (methods/calibration.py); 1, the default, reproduces the originals exactly.
     """
     from methods import calibration
-    from methods.anatomy import check_supported, overall_sparsity, sparsity_by_module
+    from methods.anatomy import check_supported, sparsity_report
     from methods.core.batching import compute_device
 
     from methods import surgery
@@ -91,8 +91,7 @@ def prune(model: nn.Module, name: str, calib: Optional[torch.Tensor] = None, *,
         report["widths"] = [{k: v for k, v in w.items() if not k.endswith("_bias")}
                             for w in surgery.layer_widths(model)]
     else:
-        report["sparsity"] = sparsity_by_module(model)
-        report["overall_sparsity"] = overall_sparsity(model)
+        report["sparsity"], report["overall_sparsity"] = sparsity_report(model)
     report["seconds"] = seconds
     return report
 

@@ -154,16 +154,11 @@ def _layers_prefix(model: nn.Module) -> str:
     raise AssertionError("decoder layers not found among the model's modules")
 
 
-def sparsity_by_module(model: nn.Module) -> Dict[str, float]:
-    """Measured fraction of exact zeros in each prunable Linear weight."""
-    return {name: float((m.weight == 0).float().mean()) for name, m in prunable_linears(model).items()}
-
-
-def overall_sparsity(model: nn.Module) -> float:
-    """Zeros over all prunable Linear weights, counted as the originals' check_sparsity does."""
-    zeros = total = 0
-    for module in prunable_linears(model).values():
-        zeros += int((module.weight == 0).sum())
-        total += module.weight.numel()
-    return zeros / total if total else 0.0
+def sparsity_report(model: nn.Module) -> Tuple[Dict[str, float], float]:
+    """(fraction of exact zeros in each prunable Linear weight, zeros over all of them) in one pass over
+    the weights: the overall figure is counted as the originals' check_sparsity counts it."""
+    counts = {name: (m.weight.numel() - int(torch.count_nonzero(m.weight)), m.weight.numel())
+              for name, m in prunable_linears(model).items()}
+    zeros, total = sum(z for z, _ in counts.values()), sum(n for _, n in counts.values())
+    return {name: z / n for name, (z, n) in counts.items()}, (zeros / total if total else 0.0)
 
