@@ -67,7 +67,7 @@ def test_overrides_need_reasons_and_apply():
     assert band("perplexity", 10.0, ppl_rel=0.03, override={"rel": 0.1, "reason": "x"}) == pytest.approx(1.0)
     table = load_profile("sparsegpt", "smoke")
     assert table.override("2of4", "ppl").reason
-    assert table.override("2of4", "ppl").band == {"rel": 0.10}
+    assert table.override("2of4", "ppl").band == {"rel": 0.05}
     assert table.override("dense", "ppl") is None
 
 
