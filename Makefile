@@ -156,12 +156,14 @@ smoke:
 diff-committed: $(VENV)/.stamp
 	$(VENV)/bin/lpc diff --all --no-plots --results-dir results/reference
 
+# docs/results.md from the stored results (results/reference), then the diff of this machine's $(RESULTS).
 report: $(VENV)/.stamp
+	$(VENV)/bin/python -m repro.report --results-dir results/reference --out docs/results.md
 	@mkdir -p $(RESULTS)
 	set -o pipefail; $(VENV)/bin/lpc diff --all --results-dir $(RESULTS) | tee $(RESULTS)/report.md
 
 bench: setup
-	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json
+	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json --markdown docs/bench-figures.md
 	$(VENVMT)/bin/python -m repro.bench --maxtext-eval smoke --out bench/out/bench-maxtext.json
 
 clean:

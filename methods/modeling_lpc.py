@@ -23,14 +23,15 @@ Models whose layers all share a shape the stock config expresses are saved as th
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from .architectures import ARCHITECTURES, READ_RESIDUAL, SLIDING, WRITE_RESIDUAL, Anatomy, submodule
+from .architectures import ARCHITECTURES, READ_RESIDUAL, SLIDING, Anatomy, submodule
 
 LAYER_FIELDS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 OWN_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -308,14 +309,27 @@ def build_layer(anatomy: Anatomy, layer_class: type, config, index: int) -> nn.M
     return layer
 
 
-FORMATS: Dict[str, Format] = {
-    name: _make_format(anatomy, stock) for name, anatomy in ARCHITECTURES.items()
-    if (stock := stock_classes(anatomy)) is not None}
+@functools.lru_cache(maxsize=None)
+def _format(name: str) -> Optional[Format]:
+    # Built on first use: each format imports its architecture's transformers modules, which a
+    # process that never meets that architecture should not pay for.
+    anatomy = ARCHITECTURES[name]
+    stock = stock_classes(anatomy)
+    return None if stock is None else _make_format(anatomy, stock)
+
+
+def __getattr__(name: str):
+    """`LpcLlamaForCausalLM` and the like, built on first use: what a checkpoint's auto_map names when
+    transformers loads this file as remote code."""
+    for arch, anatomy in ARCHITECTURES.items():
+        if name in {f"Lpc{anatomy.prefix}{suffix}" for suffix in ("Config", "Model", "ForCausalLM")} and _format(arch):
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def format_of(anatomy: Anatomy) -> Optional[Format]:
     """The per-layer format of an architecture, or None where this transformers lacks the architecture."""
-    return FORMATS.get(anatomy.name)
+    return _format(anatomy.name)
 
 
 def source_files() -> List[Path]:
@@ -324,12 +338,15 @@ def source_files() -> List[Path]:
     return [here / "modeling_lpc.py", here / "architectures.py"]
 
 
-def register() -> None:
-    """Let Auto* classes resolve every lpc_<name> type in this process, and save_pretrained write the
-    auto_map and copy the code."""
+def register(model_type: Optional[str] = None) -> None:
+    """Let Auto* classes resolve every lpc_<name> type in this process (or only `model_type`, a
+    checkpoint's), and save_pretrained write the auto_map and copy the code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for fmt in FORMATS.values():
+    if model_type is not None and not model_type.startswith("lpc_"):
+        return  # a stock checkpoint: nothing of ours to register
+    names = [model_type[len("lpc_"):]] if model_type is not None else list(ARCHITECTURES)
+    for fmt in (f for f in map(_format, (n for n in names if n in ARCHITECTURES)) if f is not None):
         try:
             AutoConfig.register(fmt.config.model_type, fmt.config)
             AutoModelForCausalLM.register(fmt.config, fmt.causal_lm)

@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from repro import bench
+from repro import bench_training
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_training_throughput_reports_consistent_positive_numbers(tmp_path):
     tiny_llama(vocab_size=128, max_position_embeddings=64).save_pretrained(tmp_path / "tiny")
-    result = bench.training_throughput(str(tmp_path / "tiny"), steps=3, global_batch=2, seqlen=16, device="cpu")
+    result = bench_training.training_throughput(str(tmp_path / "tiny"), steps=3, global_batch=2, seqlen=16, device="cpu")
     assert result["tokens"] == 3 * 2 * 16
     assert (result["device"], result["precision"]) == ("cpu", "fp32")
     assert len(result["bare_seconds"]) == 2
@@ -35,10 +35,10 @@ def test_flops_per_token_counts_every_matmul_and_the_attention_square():
     head, kv = 8, 2 * 8
     per_layer = 32 * 4 * head + 2 * 32 * kv + 4 * head * 32 + 3 * 32 * 64
     expected = 6 * (3 * per_layer + 128 * 32) + 12 * 3 * 4 * head * 16
-    assert bench.matmul_flops_per_token(model, 16) == expected
+    assert bench_training.matmul_flops_per_token(model, 16) == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the MFU bench really runs")
 def test_mfu_is_reported_unmeasured_without_cuda():
-    result = bench.training_mfu()
+    result = bench_training.training_mfu()
     assert result["measured"] is False and result["bench"] == "train_mfu"

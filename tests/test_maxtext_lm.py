@@ -97,13 +97,13 @@ def test_eval_backend_scores_as_the_hf_path(tiny):
 def test_bench_compares_the_two_paths_on_the_same_requests(tiny, capsys):
     """`make bench`'s MaxText part: both paths score the same requests alike, and the batched one
     compiles fewer shapes; its seconds are what the bench reports, not asserted here."""
-    from repro import bench
+    from repro import bench_training
 
     _, mt = tiny
-    result = bench.maxtext_eval(str(mt), requests=12, batch_size=4, max_length=128)
+    result = bench_training.maxtext_eval(str(mt), requests=12, batch_size=4, max_length=128)
     assert result["max_loglikelihood_difference"] <= 1e-3
     one, batched = result["one_at_a_time"], result["batched_buckets"]
     assert batched["compiled_shapes"] < one["compiled_shapes"]
     assert result["speedup"] == pytest.approx(one["seconds"] / batched["seconds"])
-    bench.print_maxtext_eval(result)
+    bench_training.print_maxtext_eval(result)
     assert "speed-up" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from methods.core.errors import UsageError
-from repro import smoke_model
+from methods.core import smoke_model
 
 HAVE_PACKAGE = importlib.util.find_spec(smoke_model.PACKAGE) is not None
 HAVE_GGUF = importlib.util.find_spec("gguf") is not None

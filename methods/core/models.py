@@ -82,9 +82,7 @@ def read_config(path: str, flag: str = "--model", revision: Optional[str] = None
     """A checkpoint's transformers config (the kit's `lpc_llama` included), or one line naming the flag."""
     from transformers import AutoConfig
 
-    from methods.modeling_lpc import register
-
-    register()  # structurally pruned checkpoints of this kit load without trust_remote_code
+    register_kit_format(path)
     try:
         return AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as exc:
@@ -121,9 +119,7 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
 def _check_causal_lm(path: str, revision: Optional[str]) -> None:
     from transformers import AutoConfig
 
-    from methods.modeling_lpc import register
-
-    register()  # structurally pruned checkpoints of this kit load without trust_remote_code
+    register_kit_format(path)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as exc:
@@ -131,6 +127,20 @@ def _check_causal_lm(path: str, revision: Optional[str]) -> None:
     architectures = getattr(config, "architectures", None) or []
     if getattr(config, "is_encoder_decoder", False) or not any(a.endswith("ForCausalLM") for a in architectures):
         raise UsageError(f"{path} is not a decoder-only causal LM (architectures: {architectures or 'none'})")
+
+
+def register_kit_format(path: str) -> None:
+    """A checkpoint in one of the kit's per-layer formats (`lpc_<arch>`) loads without
+    trust_remote_code once its format is registered; a stock checkpoint registers nothing."""
+    import json
+
+    from methods.modeling_lpc import register
+
+    config = Path(path) / "config.json"
+    if config.is_file():
+        register(json.loads(config.read_text()).get("model_type") or "")
+    else:
+        register()  # a hub id: any of the formats may be what its config names
 
 
 def tokenizer_for(path: str, revision: Optional[str] = None):

@@ -14,12 +14,17 @@ from methods.core.errors import UsageError
 def write_json_atomic(path: Path, payload: Any, *, sort_keys: bool = True) -> None:
     """Write JSON so that a reader, or a crash, never sees a half-written file. `sort_keys=False` keeps
     the mappings' order where it means something (a request's domains, in the order they are drawn)."""
+    write_text_atomic(path, dumps(payload, sort_keys=sort_keys) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """The file appears whole or not at all: written beside it, synced, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(dumps(payload, sort_keys=sort_keys) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
