@@ -166,8 +166,11 @@ def profile_objects(method: str, profile: str) -> List[Tuple[HubObject, str]]:
         score = recipe.options(row).get("score")
         if score and score != "ppl":
             tasks.add(score)
+    from methods.core.hub import is_hub_dataset
+
     for task in sorted(tasks):
-        found.append((task_object(task), f"{where}: lm-eval {task}"))
+        if is_hub_dataset(task_dataset(task)[0]):  # the kit's own tasks read shipped files (`json`)
+            found.append((task_object(task), f"{where}: lm-eval {task}"))
     return found
 
 

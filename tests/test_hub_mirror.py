@@ -103,6 +103,12 @@ def test_mirror_list_names_every_object_of_a_profile(capsys):
     assert "en/c4-train.00000-of-01024.json.gz" in out
 
 
+def test_the_smoke_profile_reads_nothing_from_the_hub(capsys):
+    """Its task reads shipped files through lm-eval's `json` builder: no hub object (it was listed as one)."""
+    assert main(["mirror", "list", "--profile", "smoke", "--method", "wanda"]) == 0
+    assert "\n0 objects." in capsys.readouterr().out
+
+
 def test_every_object_of_every_paper_profile_has_a_stand_in():
     """`lpc mirror rehearsal` can write all that `lpc mirror list` names: a new hub read without a
     stand-in writer fails here, not in a rehearsal."""

@@ -183,7 +183,7 @@ def routed_datasets() -> Iterator[None]:
     _ORIGINAL["load_dataset"] = original
 
     def routed(path, name=None, *args, **kwargs):
-        if args or not _is_hub_dataset(str(path)):  # lm-eval passes keywords; anything else is not its read
+        if args or not is_hub_dataset(str(path)):  # lm-eval passes keywords; anything else is not its read
             return original(path, name, *args, **kwargs)
         return load_dataset(str(path), name, **kwargs)
 
@@ -195,7 +195,8 @@ def routed_datasets() -> Iterator[None]:
         _ORIGINAL.pop("load_dataset", None)
 
 
-def _is_hub_dataset(path: str) -> bool:
+def is_hub_dataset(path: str) -> bool:
+    """A hub id, not a packaged builder (json, parquet, ...), a local path or a URL."""
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
     return not (path in _PACKAGED_DATASETS_MODULES or os.path.exists(os.path.expanduser(path))
