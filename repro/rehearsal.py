@@ -132,7 +132,7 @@ def table_profile(table):
 
 
 def _is_local(spec: str) -> bool:
-    from repro.mirror import data_objects
+    from repro.hub_objects import data_objects
 
     return any(obj.kind == "local" and obj.repo == spec for obj in data_objects(spec))
 

@@ -218,7 +218,7 @@ def _task_row(task: str, text: Text, index: int) -> dict:
 
 def task_datasets(out: Path, tasks: List[str]) -> List[str]:
     """Every task's dataset, each repository's configs in one README (ARC's two share allenai/ai2_arc)."""
-    from repro.mirror import task_config, task_dataset, task_yaml
+    from repro.hub_objects import task_config, task_dataset, task_yaml
 
     per_repo: Dict[str, Dict[str, Dict[str, str]]] = {}
     lines = []
