@@ -8,8 +8,10 @@ It differs from the paper run in these ways only, each applied to the recipe and
 * the device is the CPU, and the stand-in models' widths are the paper's / 32 (repro/standin_models.py),
   so the options that name a width (minitron-width's hidden_size and ffn_hidden_size, a sheared target
   shape) are divided by 32 too; depths, head counts and every other option stay;
-* sample counts and steps are cut to the numbers below. Shots, metrics, perplexity protocols and
-  their window length, dtypes, schedules and every other setting are the paper's.
+* sample counts and steps are cut to the numbers below; LoRA's GPU mixed precision (fp16/bf16
+  autocast with a grad scaler) trains in fp32, the only precision its loop has on a CPU. Shots,
+  metrics, perplexity protocols and their window length, model dtypes, schedules and every other
+  setting are the paper's.
 
 The results carry `rehearsal` (the cuts and the mirror), so `lpc diff` shows their cells as REHEARSED
 (ran, not compared): a rehearsal proves that every row runs and produces every cell, not any number.
@@ -105,6 +107,10 @@ def train_spec(spec: dict, root: Path) -> dict:
                          ("eval_steps", "lora_steps_between")):
             if key in recipe:
                 recipe[key] = min(recipe[key], CUTS[cut])
+        if recipe.get("precision", "fp32") != "fp32":
+            # LoRA's fp16/bf16 is autocast with a GPU's grad scaler, which the CPU has not: the one
+            # precision the rehearsal changes (training/lora.py refuses it on a CPU).
+            recipe["precision"] = "fp32"
         spec["recipe"] = recipe
     return spec
 

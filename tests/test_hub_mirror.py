@@ -151,6 +151,21 @@ def test_a_rehearsal_cuts_counts_and_widths_but_not_protocols(mirror):
     assert rehearsed.rows[row]["hidden_size"] * 32 == paper.rows[row]["hidden_size"]
 
 
+def test_a_rehearsal_trains_lora_in_fp32_on_the_cpu(mirror):
+    """llm-pruner's paper LoRA is fp16 autocast, which the CPU refuses (found by its rehearsal)."""
+    from repro.recipe import load_recipe
+
+    paper = load_recipe("llm-pruner", "paper").config["training"]
+    rehearsed = load_recipe("llm-pruner", "paper", rehearsal=True).config["training"]
+    lora = [name for name, spec in paper.items() if spec.get("kind") == "lora"]
+    assert any(paper[name]["recipe"].get("precision") == "fp16" for name in lora)
+    for name in lora:
+        assert rehearsed[name]["recipe"]["precision"] == "fp32"
+        for key, value in paper[name]["recipe"].items():
+            if key not in ("precision", "val_set_size", "warmup_steps", "eval_steps"):
+                assert rehearsed[name]["recipe"][key] == value, key
+
+
 def test_a_rehearsal_without_a_mirror_is_refused(monkeypatch, capsys):
     monkeypatch.delenv(hub.MIRROR_ENV, raising=False)
     assert main(["repro", "magnitude", "--profile", "paper", "--rehearse"]) == 2
