@@ -167,18 +167,22 @@ report: $(VENV)/.stamp
 # ---- rehearsal (docs/rehearsal.md) -----------------------------------------------------------
 # Every paper-profile row of a method (each paper* profile) through prune -> train -> evaluate -> diff on
 # the CPU, against the stand-in hub mirror, with the cuts of repro/rehearsal.py; each cell REHEARSED.
-# The stand-in is written once (MaxText's ArrayRecord files by the MaxText venv, which has array_record;
-# its training rows run there through LPC_MAXTEXT_PYTHON). One thread per process: the small matrices
-# of a stand-in gain nothing from more, and lose much when the two cores are shared.
+# The stand-in is written once, by the MaxText venv (it has array_record for MaxText's DCLM files; both
+# venvs pin the same lm-eval, whose task YAMLs name the datasets); MaxText training rows run in that venv
+# through LPC_MAXTEXT_PYTHON. One thread per process: the small matrices of a stand-in gain nothing from
+# more, and lose much when the two cores are shared.
 REHEARSAL ?= build/rehearsal
 REHEARSAL_ENV = LPC_HUB_MIRROR=$(abspath $(REHEARSAL))/mirror LPC_MAXTEXT_PYTHON=$(abspath $(VENVMT))/bin/python \
                 OMP_NUM_THREADS=1
 paper_profiles = $(shell $(VENV)/bin/python -c 'import sys; from repro.mirror import paper_profiles; \
                    print(*[p for _, p in paper_profiles(sys.argv[1])])' $(1))
 
-rehearse-%: $(VENV)/.stamp $$(if $$(filter minitron-width,$$*),$(VENVMT)/.stamp)
-	$(if $(filter minitron-width,$*),$(VENVMT)/bin/python -m repro.cli mirror rehearsal --out $(REHEARSAL)/mirror --method $*)
-	$(VENV)/bin/lpc mirror rehearsal --out $(REHEARSAL)/mirror --method $*
+REHEARSAL_MIRROR := $(REHEARSAL)/mirror/.complete
+$(REHEARSAL_MIRROR): $(VENV)/.stamp $(VENVMT)/.stamp repro/standin_models.py repro/standin_data.py
+	$(VENVMT)/bin/python -m repro.cli mirror rehearsal --out $(REHEARSAL)/mirror
+	touch $@
+
+rehearse-%: $(VENV)/.stamp $(REHEARSAL_MIRROR)
 	set -e; for p in $(call paper_profiles,$*); do \
 	  $(REHEARSAL_ENV) $(VENV)/bin/lpc repro $* --profile $$p --rehearse --results-dir $(REHEARSAL)/results; done
 
