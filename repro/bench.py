@@ -25,6 +25,9 @@ batch, sequence length and precision, in the same process (target: engine <= 1.1
 time per token on CPU). Where CUDA exists, also the engine's model FLOP utilisation on a Llama-shaped
 bf16 model.
 
+Start-up (`--only startup`; repro/bench_startup.py): help and refusal latency, and the fixed cost of a
+prune process against the original's (transformers 4.43), split by phase.
+
 Results go to a JSON file; targets are reported, never asserted: timings belong to benchmarks, not tests.
 
     python -m repro.bench --out bench/out/bench.json [--model smoke] [--nsamples 8 --seqlen 256]
@@ -45,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from repro.bench_startup import print_startup, startup
 from repro.bench_training import (maxtext_checkpoint, maxtext_eval, print_maxtext_eval, print_training,
                                   training_mfu, training_throughput)
 
@@ -239,7 +243,7 @@ def random_llama2_7b(dtype: str):
         torch.set_default_dtype(torch.float32)
 
 
-PARTS = ("prune", "smoke-row", "eval-parity", "train")
+PARTS = ("prune", "smoke-row", "eval-parity", "train", "startup")
 
 
 def main(argv=None) -> int:
@@ -294,6 +298,7 @@ def main(argv=None) -> int:
     which = [m for m in args.methods.split(",") if m] if "prune" in parts else []
     which += [p for p in ("smoke-row", "eval-parity") if p in parts]
     which += ["train", "train-mfu"] if "train" in parts else []
+    which += ["startup"] if "startup" in parts else []
     results = []
     for item in which:
         result = _in_fresh_process(item, argv)
@@ -336,6 +341,8 @@ def _run_here(item: str, args) -> dict:
                                    seqlen=args.train_seqlen)
     if item == "train-mfu":
         return training_mfu()
+    if item == "startup":
+        return startup()
     if item == "smoke-row":
         return smoke_row(args.smoke_row)
     if item == "eval-parity":
@@ -391,7 +398,8 @@ def _in_fresh_process(which: str, argv) -> Optional[dict]:
 
 
 PRINTERS = {"prune": print_prune, "smoke_row": print_smoke_row, "eval_parity": print_eval_parity,
-            "train_throughput": print_training, "train_mfu": print_training, "maxtext_eval": print_maxtext_eval}
+            "train_throughput": print_training, "train_mfu": print_training, "maxtext_eval": print_maxtext_eval,
+            "startup": print_startup}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,6 +47,38 @@ def test_checkpoints_compare_by_values_zeros_and_shapes(tmp_path):
     assert report["d"] == {"identical": False, "same_shapes": False}
 
 
+def test_every_smoke_band_cites_a_stored_spread_that_covers_it():
+    """A widened smoke band names the spread file it comes from; the file is committed, and every
+    value it holds for that cell lies inside the band (a band narrower than its own evidence fails)."""
+    import json
+    import re
+
+    from repro.tables import load_profile
+    from repro.tolerance import band as band_of
+
+    spread_dir = REPO / "results" / "reference" / "smoke" / "spread"
+    checked = 0
+    for path in sorted((REPO / "repro" / "tables").glob("*.yaml")):
+        table = load_profile(path.stem, "smoke")
+        cited = re.findall(r"spread/([\w.-]+\.json)", path.read_text())
+        for name in cited:
+            assert (spread_dir / name).is_file(), f"{path.name} cites spread/{name}, which is not committed"
+        for override in table.overrides:
+            assert "spread/" in override.reason, f"{path.name}: the {override.row}/{override.metric} band cites no spread"
+            name = re.search(r"spread/([\w.-]+\.json)", override.reason).group(1)
+            cells = json.loads((spread_dir / name).read_text())["cells"]
+            cell = cells.get(f"{override.row}/{override.metric}")
+            if cell is None:   # a band carried over to a pattern not measured (its reason says so)
+                continue
+            reference = table.rows[override.row][override.metric].values["reference"]
+            spec = table.metrics[override.metric]
+            half_width = band_of(spec.kind, reference, n=getattr(spec, "n", None), override=override.band)
+            for setting, value in cell["values"].items():
+                assert abs(value - reference) <= half_width, (path.name, override.row, setting, value, half_width)
+            checked += 1
+    assert checked >= 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("emulation", EMULATED)
 @pytest.mark.parametrize("method", sorted(REPLAYED))
