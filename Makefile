@@ -189,7 +189,7 @@ rehearse-%: $(VENV)/.stamp $(REHEARSAL_MIRROR)
 rehearse-all:
 	@for m in $(METHODS); do $(MAKE) --no-print-directory rehearse-$$m || exit 1; done
 
-# ---- gpu-check: the checks that need CUDA, one JSON (repro/gpu_check.py; about 8 min on one H100) -----
+# ---- gpu-check: the checks that need CUDA, one JSON (repro/gpu_check.py; sized for 8 min on one H100) --
 # Refused at once, in one line, where there is no GPU (before any set-up); a dry run (-n) only resolves.
 ifneq ($(filter gpu-check,$(MAKECMDGOALS)),)
 ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)

@@ -1,4 +1,5 @@
-"""`make gpu-check`: the checks that need a CUDA GPU, in one run that writes one JSON (about 8 min on one H100).
+"""`make gpu-check`: the checks that need a CUDA GPU, in one run that writes one JSON (sized for 8 min on one
+H100; not yet timed on one).
 
     eval-parity-bf16, eval-parity-fp16   the kit's task and a windowed perplexity at batch 1 against batch
                                          32 on a rehearsal model (the stand-in of Llama-2-7B), per dtype
