@@ -25,11 +25,13 @@ export LPC_CACHE
 RUNTIME ?= auto
 
 .PHONY: help setup smoke-model test test-tf443 test-jobman test-maxtext test-all test-container test-cluster \
-        cluster-collection smoke bench report diff-committed clean
+        cluster-collection smoke bench report diff-committed clean \
+        rehearse-all gpu-check
 
 help:
 	@echo "make repro-<method> PROFILE=smoke|paper [RUNTIME=local|docker]   methods: $(METHODS)"
 	@echo "make test | test-all | test-container | test-cluster | cluster-collection | smoke | bench | report | setup | smoke-model"
+	@echo "make rehearse-<method> | rehearse-all | gpu-check      (docs/rehearsal.md)"
 	@echo "make image-<method> | pull-<method>            images: $(IMAGE_FAMILIES)"
 	@echo "make images | image-<image> | image-smoke-<image> | lock-<image> | push-<image> REGISTRY=host[:port]/namespace"
 
@@ -161,6 +163,43 @@ report: $(VENV)/.stamp
 	$(VENV)/bin/python -m repro.report --results-dir results/reference --out docs/results.md
 	@mkdir -p $(RESULTS)
 	set -o pipefail; $(VENV)/bin/lpc diff --all --results-dir $(RESULTS) | tee $(RESULTS)/report.md
+
+# ---- rehearsal (docs/rehearsal.md) -----------------------------------------------------------
+# Every paper-profile row of a method (each paper* profile) through prune -> train -> evaluate -> diff on
+# the CPU, against the stand-in hub mirror, with the cuts of repro/rehearsal.py; each cell REHEARSED.
+# The stand-in is written once, by the MaxText venv (it has array_record for MaxText's DCLM files; both
+# venvs pin the same lm-eval, whose task YAMLs name the datasets); MaxText training rows run in that venv
+# through LPC_MAXTEXT_PYTHON. One thread per process: the small matrices of a stand-in gain nothing from
+# more, and lose much when the two cores are shared.
+REHEARSAL ?= build/rehearsal
+REHEARSAL_ENV = LPC_HUB_MIRROR=$(abspath $(REHEARSAL))/mirror LPC_MAXTEXT_PYTHON=$(abspath $(VENVMT))/bin/python \
+                OMP_NUM_THREADS=1
+paper_profiles = $(shell $(VENV)/bin/python -c 'import sys; from repro.mirror import paper_profiles; \
+                   print(*[p for _, p in paper_profiles(sys.argv[1])])' $(1))
+
+REHEARSAL_MIRROR := $(REHEARSAL)/mirror/.complete
+$(REHEARSAL_MIRROR): $(VENV)/.stamp $(VENVMT)/.stamp repro/standin_models.py repro/standin_data.py
+	$(VENVMT)/bin/python -m repro.cli mirror rehearsal --out $(REHEARSAL)/mirror
+	touch $@
+
+rehearse-%: $(VENV)/.stamp $(REHEARSAL_MIRROR)
+	set -e; for p in $(call paper_profiles,$*); do \
+	  $(REHEARSAL_ENV) $(VENV)/bin/lpc repro $* --profile $$p --rehearse --results-dir $(REHEARSAL)/results; done
+
+rehearse-all:
+	@for m in $(METHODS); do $(MAKE) --no-print-directory rehearse-$$m || exit 1; done
+
+# ---- gpu-check: the checks that need CUDA, one JSON (repro/gpu_check.py; sized for 8 min on one H100) --
+# Refused at once, in one line, where there is no GPU (before any set-up); a dry run (-n) only resolves.
+ifneq ($(filter gpu-check,$(MAKECMDGOALS)),)
+ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+ifneq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+$(error make gpu-check needs a CUDA GPU and none was found)
+endif
+endif
+endif
+gpu-check: $(VENV)/.stamp
+	$(VENV)/bin/python -m repro.gpu_check --out bench/out/gpu-check.json
 
 bench: setup
 	$(VENV)/bin/python -m repro.bench --out bench/out/bench.json --markdown docs/bench-figures.md

@@ -74,6 +74,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 
+from methods.core import hub
 from methods.core.batching import batch_that_fits, parse_batch_size
 from methods.core.errors import UsageError
 from methods.core.text import SMOKE_TASKS
@@ -255,9 +256,9 @@ def run_tasks(model, tokenizer, tasks: Sequence[TaskSpec], *, batch_size: Union[
         if number:
             manager = task_index(include, wanted)  # a fresh copy per simple_evaluate
         requested = [dict(local_configs[n]) if n in local_configs else n for n in names]
-        raw[shots] = lm_eval.simple_evaluate(
-            model=lm, tasks=requested, num_fewshot=shots, batch_size=batch_size, limit=limit,
-            task_manager=manager, log_samples=per_request, **seeds)
+        with hub.routed_datasets():  # lm-eval's own task datasets: from the hub mirror, when one is set
+            raw[shots] = lm_eval.simple_evaluate(model=lm, tasks=requested, num_fewshot=shots, batch_size=batch_size,
+                                                 limit=limit, task_manager=manager, log_samples=per_request, **seeds)
 
     out: Dict[str, Any] = {}
     versions: Dict[str, Any] = {}

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
     repro.add_argument("--eval-batch-size", metavar="N|auto", help=EVAL_BATCH_HELP)
     repro.add_argument("--no-dense-gate", action="store_true", help="continue even if the dense model is off")
+    repro.add_argument("--rehearse", action="store_true",
+                       help="a rehearsal: the profile on the CPU against the stand-in hub mirror (LPC_HUB_MIRROR), "
+                            "sample counts and steps cut (docs/rehearsal.md); its cells show as REHEARSED")
     repro.add_argument("--work-dir", type=Path,
                        help="where rows keep their stage checkpoints: WORK/<profile>/<method>/<row>/{pruned,trained} "
                             "(default: <results-dir>/<profile>/<method>/stages/<row>)")
@@ -115,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--recipe", type=Path, help="a recipe file instead of repro/recipes/<method>.yaml")
     evaluate.add_argument("--eval-batch-size", metavar="N|auto", help=EVAL_BATCH_HELP)
     evaluate.add_argument("--backend", default="hf", help="how the checkpoint is loaded (default: hf)")
+    evaluate.add_argument("--rehearse", action="store_true", help="the row as a rehearsal runs it (lpc repro --rehearse)")
     evaluate.add_argument("--gate", action="store_true",
                           help="dense row: exit 1 when it is off its reference (what gates the other rows' jobs)")
 
@@ -140,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="--to maxtext: store layers unstacked (MaxText's scan_layers=false)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
+    from repro import mirror
+
+    mirror.add_parser(sub)
+
     diff = sub.add_parser("diff", help="print paper | collection | ours | delta | tolerance | status")
     diff.add_argument("method", nargs="?", help="a method, or omit with --all")
     diff.add_argument("--all", action="store_true", help="every method and profile that has results")
@@ -160,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             quiet_transformers()  # without importing transformers: a refused command stays fast
         return {"prune": cmd_prune, "repro": cmd_repro, "diff": cmd_diff, "train": cmd_train,
-                "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
+                "eval": cmd_eval, "convert": cmd_convert, "mirror": cmd_mirror}[args.command](args)
     except UsageError as exc:
         print(f"lpc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -231,18 +239,18 @@ def _prune_request(args):
 
 
 def cmd_eval(args) -> int:
-    from repro import eval_stage, plan
+    from repro import eval_stage, plan, runner
     from repro.recipe import load_recipe
     from repro.requests import EvalRequest
-    from repro.tables import load_profile
 
     request = _request_or_flags(args, "eval", ("model", "method", "row"))
     if request is None:
         request = EvalRequest(method=args.method, profile=args.profile, row=args.row, model=args.model,
                               results_dir=args.results_dir, recipe=args.recipe, eval_batch_size=args.eval_batch_size,
-                              backend=args.backend, gate=args.gate)
-    recipe = load_recipe(request.method, request.profile, request.recipe, eval_batch_size=request.eval_batch_size)
-    table = load_profile(recipe.method, request.profile, recipe.table)
+                              backend=args.backend, gate=args.gate, rehearsal=args.rehearse)
+    recipe = load_recipe(request.method, request.profile, request.recipe, eval_batch_size=request.eval_batch_size,
+                         rehearsal=request.rehearsal)
+    table = runner.load_table(recipe)
     if request.row not in recipe.rows:
         raise UsageError(f"unknown row {request.row}; recipe rows: {', '.join(recipe.rows)}")
     plan.check_device(recipe)
@@ -299,6 +307,12 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_mirror(args) -> int:
+    from repro import mirror
+
+    return mirror.main(args)
+
+
 def cmd_repro(args) -> int:
     rows = [r for r in args.rows.split(",") if r] if args.rows else None
     if args.submit is None and (args.gpus or args.nodes != 1 or args.image or args.tpu):
@@ -308,12 +322,25 @@ def cmd_repro(args) -> int:
         raise UsageError("give a method or --all (not both)")
     if args.methods and not args.all:
         raise UsageError("--methods goes with --all")
+    if args.rehearse:
+        _rehearsal_environment(args)
     if not args.all:
         return _repro_one(args, args.method, rows)
     if args.recipe:
         raise UsageError("--recipe goes with one method, not --all")
     targets = _all_targets(args.methods, args.profile, rows)
     return max([_repro_one(args, method, method_rows) for method, method_rows in targets] or [0])
+
+
+def _rehearsal_environment(args) -> None:
+    """A rehearsal reads nothing but the stand-in mirror: the hub switched off before anything imports it."""
+    import os
+
+    from repro import rehearsal
+
+    if args.submit:
+        raise UsageError("--rehearse runs here, on the CPU; it is not submitted")
+    os.environ.update(rehearsal.environment(rehearsal.mirror_root()))
 
 
 def _all_targets(methods: Optional[str], profile: str, rows: Optional[List[str]]):
@@ -359,7 +386,7 @@ def _repro_one(args, method: str, rows: Optional[List[str]]) -> int:
             return 0
         ok = runner.run(method, args.profile, results_root=args.results_dir, rows=rows,
                         recipe_path=args.recipe, dense_gate=not args.no_dense_gate, work_root=args.work_dir,
-                        keep=args.keep_stages, eval_batch_size=args.eval_batch_size)
+                        keep=args.keep_stages, eval_batch_size=args.eval_batch_size, rehearsal=args.rehearse)
     except runner.DenseGateFailed as exc:
         print(f"lpc: dense gate failed: {exc}", file=sys.stderr)
         return 1

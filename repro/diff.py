@@ -9,9 +9,14 @@ columns print PASS or OFF (outside, informative only). Claims, of tables (`lhs o
 figures (argmax, argmin, top, bottom, set): PASS, FAIL, XFAIL (fails as the table documents), XPASS
 (a documented failure no longer fails: update the table), PENDING (a result it needs is not there yet).
 FAIL and MISSING fail the diff, wherever they stand.
+
+A rehearsal's results (repro/rehearsal.py: random stand-in models, cut sample counts) are not compared:
+a cell, series or claim that got its numbers shows REHEARSED (ran, not compared), a cell whose number is
+not finite FAIL; MISSING and PENDING stay what they are.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,9 @@ from repro.tables import Claim, ExpectedFailure, Figure, FigureClaim, MetricRef,
 from repro.tolerance import band
 
 FAILING = ("FAIL", "MISSING")
+REHEARSED = "REHEARSED"
+# What a rehearsal leaves as it is: the absence of a number it needs.
+ABSENT = ("MISSING", "PENDING")
 # The kit's own stored results; a table whose reference column is `reference` was copied from them.
 KIT_REFERENCES = Path(__file__).resolve().parents[1] / "results" / "reference"
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
@@ -109,6 +117,11 @@ def diff_profile(method: str, table: Profile, root: Path, rows: Optional[Sequenc
             comparison.series += _diff_series(key, figure, name, series, root, method, table.name, rows,
                                               comparison.ours)
         comparison.figure_claims += [diff_claim(c, root, method, table.name, figure=key) for c in figure.claims]
+    if any(result.get("rehearsal") for result in results.values()):
+        for item in [*comparison.claims, *comparison.series, *comparison.figure_claims]:
+            if item.status not in ABSENT and not (isinstance(item, SeriesDiff) and item.status == "NOREF"
+                                                  and not item.compared):
+                item.status = REHEARSED
     return comparison
 
 
@@ -120,6 +133,7 @@ def diff_cells(table: Profile, results: Dict[str, dict], rows: Optional[Sequence
         if rows is not None and row not in rows:
             continue
         measured = results.get(row, {}).get("metrics", {})
+        rehearsed = bool(results.get(row, {}).get("rehearsal"))
         for key, cell in cells.items():
             metric = table.metrics[key]
             reference = cell.values.get(table.reference)
@@ -127,6 +141,11 @@ def diff_cells(table: Profile, results: Dict[str, dict], rows: Optional[Sequence
             ours = measured.get(key)
             if ours is None:
                 out.append(CellDiff(row, key, reference, collection, None, None, None, "MISSING"))
+                continue
+            if rehearsed:  # ran on a stand-in: a number is all it can show, and it must be one
+                finite = isinstance(ours, (int, float)) and math.isfinite(ours)
+                out.append(CellDiff(row, key, reference, collection, ours, None, None,
+                                    REHEARSED if finite else "FAIL", "" if finite else "not a finite number"))
                 continue
             if reference is None:
                 out.append(CellDiff(row, key, None, collection, ours, None, None, "NOREF"))

@@ -105,6 +105,8 @@ def evaluate(recipe, table, row: str, *, model: str, results_root, cache: Option
         "provenance": provenance(),
         "fingerprint": recipe.fingerprint(row, metric_specs(table)),
     }
+    if recipe.rehearsal:  # lpc diff shows its cells as REHEARSED: ran, not compared
+        result["rehearsal"] = config["rehearsal"]
     path = differ.results_dir(results_root, recipe.profile, recipe.method) / f"{row}.json"
     write_json_atomic(path, result)
     log(f"[{recipe.method}/{recipe.profile}] {row}: {json.dumps(metrics)}")

@@ -105,7 +105,8 @@ def plan(recipe: Recipe, table: Profile, rows: List[str], *, results_root: Path,
                 model = options.out
         evaluation = Step("eval", row, EvalRequest(
             method=recipe.method, profile=recipe.profile, row=row, model=str(model), results_dir=results,
-            recipe=recipe.path, eval_batch_size=recipe.config.get("batch_size"), gate=row == DENSE and dense_gate),
+            recipe=recipe.path, eval_batch_size=recipe.config.get("batch_size"), gate=row == DENSE and dense_gate,
+            rehearsal=recipe.rehearsal),
             after=previous)
         steps.append(evaluation)
         if row == DENSE and dense_gate:

@@ -185,6 +185,11 @@ class Recipe:
                             device=self.config.get("device"), training=self.pruning_run(row))
 
     @property
+    def rehearsal(self) -> bool:
+        """A rehearsal of the profile (repro/rehearsal.py): its results' cells are REHEARSED, not compared."""
+        return bool(self.config.get("rehearsal"))
+
+    @property
     def seed(self) -> int:
         """The run's seed (the calibration seed, as the originals seed their entry points)."""
         return int((self.config.get("calibration") or {}).get("seed") or 0)
@@ -210,9 +215,10 @@ class Recipe:
 
 
 def load_recipe(method: str, profile: str, path: Optional[Path] = None, *,
-                eval_batch_size: Union[int, str, None] = None) -> Recipe:
+                eval_batch_size: Union[int, str, None] = None, rehearsal: bool = False) -> Recipe:
     """The recipe's profile; `eval_batch_size` (`--eval-batch-size`) replaces its evaluation batch, and
-    so changes the rows' fingerprints as any other recipe setting would."""
+    so changes the rows' fingerprints as any other recipe setting would; `rehearsal`: the profile as a
+    rehearsal runs it on the CPU against the stand-in mirror (repro/rehearsal.py)."""
     path = Path(path) if path else RECIPES / f"{method}.yaml"
     if not path.is_file():
         raise UsageError(f"no recipe for method {method!r} ({path})")
@@ -226,8 +232,13 @@ def load_recipe(method: str, profile: str, path: Optional[Path] = None, *,
         from methods.core.batching import parse_batch_size
 
         config["batch_size"] = parse_batch_size("--eval-batch-size", eval_batch_size)
+    rows = raw.rows
+    if rehearsal:
+        from repro import rehearsal as rehearsing
+
+        config, rows = rehearsing.recipe_config(config, rows, data.method or method)
     table = path.parent / (raw.table or f"../tables/{data.table or method}.yaml")
-    return Recipe(data.method or method, profile, config, raw.rows, table.resolve(), path.resolve())
+    return Recipe(data.method or method, profile, config, rows, table.resolve(), path.resolve())
 
 
 def _pruning_kinds():

@@ -106,6 +106,7 @@ class EvalRequest:
     eval_batch_size: Optional[Union[int, str]] = None
     backend: str = "hf"
     gate: bool = False                        # the dense row: exit 1 when it is off its reference
+    rehearsal: bool = False                   # the profile as a rehearsal runs it (repro/rehearsal.py)
 
     def to_json(self) -> Dict[str, Any]:
         return {"stage": "eval", **{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}}

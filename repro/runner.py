@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from methods.core.errors import UsageError
 from repro import diff as differ
 from repro import plan as planner
 from repro.plan import DenseGateFailed, Step, check_device, select_rows, work_dir
@@ -27,15 +28,17 @@ __all__ = ["run", "DenseGateFailed", "StageFailed"]
 
 def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[str]] = None,
         recipe_path: Optional[Path] = None, dense_gate: bool = True, work_root: Optional[Path] = None,
-        keep: str = "trained", eval_batch_size=None, log=print) -> bool:
-    """Run the missing rows, then print the diff. Returns True when the diff passes."""
-    recipe = load_recipe(method, profile, recipe_path, eval_batch_size=eval_batch_size)
-    table = load_profile(method, profile, recipe.table)
+        keep: str = "trained", eval_batch_size=None, rehearsal: bool = False, log=print) -> bool:
+    """Run the missing rows, then print the diff. Returns True when the diff passes. `rehearsal`: the
+    profile as repro/rehearsal.py cuts it, against the stand-in mirror."""
+    recipe = load_recipe(method, profile, recipe_path, eval_batch_size=eval_batch_size, rehearsal=rehearsal)
+    table = load_table(recipe)
     check_device(recipe)
     selected = select_rows(recipe, rows)
     steps = planner.plan(recipe, table, selected, results_root=results_root,
                          work=work_dir(results_root, profile, recipe.method, work_root),
                          dense_gate=dense_gate, log=log)
+    check_engines(steps)  # a row no engine here can train is refused before any row runs
     cache: Dict[object, object] = {}
     for index, step in enumerate(steps):
         if not any(s.row == step.row for s in steps[:index]):
@@ -45,6 +48,29 @@ def run(method: str, profile: str, *, results_root: Path, rows: Optional[List[st
             finished = [s.row for s in steps[:index + 1] if s.stage == "eval"]
             _discard(finished, steps[index + 1:], keep, work_dir(results_root, profile, recipe.method, work_root))
     return not differ.report(method, table, results_root, rows=selected, plots=True, log=log)
+
+
+def load_table(recipe):
+    """The recipe's table profile (for a rehearsal, with one window per perplexity metric)."""
+    table = load_profile(recipe.method, recipe.profile, recipe.table)
+    if recipe.rehearsal:
+        from repro import rehearsal
+
+        table = rehearsal.table_profile(table)
+    return table
+
+
+def check_engines(steps: List[Step]) -> None:
+    """Every training stage's engine can run from here (MaxText: installed, or its environment named by
+    LPC_MAXTEXT_PYTHON), or one line before anything runs: not after hours of other rows."""
+    from training.stage import maxtext_command
+
+    for step in steps:
+        if step.stage == "train" and step.request.engine == "maxtext" and maxtext_command() is None:
+            raise UsageError(f"row {step.row} trains with --engine maxtext, which this environment lacks (no "
+                             "maxtext here and LPC_MAXTEXT_PYTHON unset): point LPC_MAXTEXT_PYTHON at the MaxText "
+                             "environment's python (.venv-maxtext/bin/python), run that row in the maxtext image "
+                             "(--rows), or submit it (--submit skypilot --tpu ...); nothing was run")
 
 
 def execute(step: Step, *, recipe, table, cache: Optional[dict] = None, log=print) -> None:

@@ -181,6 +181,25 @@ def test_a_relative_maxtext_path_reads_as_the_absolute_one(converted, monkeypatc
     assert convert.params_path(Path(mt.name)) == convert.params_path(mt)
 
 
+@needs_maxtext
+def test_weights_only_checkpoint_converts_back_to_weights(tmp_path):
+    """A checkpoint without tokenizer files (issue 21: MaxText's export loaded a tokenizer anyway and
+    ended in a transformers traceback) goes to MaxText and back, weights and config, no tokenizer."""
+    from methods.core.models import save_checkpoint
+    from safetensors.numpy import load_file
+
+    hf = tmp_path / "weights-only"
+    save_checkpoint(_tiny(num_key_value_heads=2), None, hf)
+    assert not any((hf / name).exists() for name in TOKENIZER_FILES)
+    mt, back = tmp_path / "mt", tmp_path / "back"
+    assert cli.main(["convert", "--to", "maxtext", "--model", str(hf), "--out", str(mt)]) == 0
+    assert cli.main(["convert", "--to", "hf", "--model", str(mt), "--out", str(back)]) == 0
+    assert not any((back / name).exists() for name in TOKENIZER_FILES)
+    before = {k: v for p in hf.glob("*.safetensors") for k, v in load_file(str(p)).items()}
+    after = {k: v for p in back.glob("*.safetensors") for k, v in load_file(str(p)).items()}
+    assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)
+
+
 # ----------------------------------------------------------------------------- refusals (any venv)
 
 def _main_error(capsys, argv):

@@ -21,7 +21,8 @@ IMAGES = subprocess.run(["python3", str(REPO / "docker" / "images.py"), "list"],
                         text=True).stdout.split()
 PUBLIC_TARGETS = ["help", "setup", "smoke-model", "test", "test-tf443", "test-jobman", "test-all", "test-container",
                   "test-cluster", "cluster-collection",
-                  "smoke", "bench", "report", "diff-committed", "images", *(f"repro-{m}" for m in METHODS),
+                  "smoke", "bench", "report", "diff-committed", "images", "rehearse-all", "gpu-check",
+                  *(f"rehearse-{m}" for m in METHODS), *(f"repro-{m}" for m in METHODS),
                   *(f"{verb}-{m}" for verb in ("image", "pull") for m in IMAGE_METHODS)]
 IMAGE_TARGETS = [f"{verb}-{i}" for verb in ("image", "image-smoke", "lock", "push") for i in IMAGES]
 

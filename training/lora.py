@@ -74,11 +74,9 @@ def load_instructions(spec: str) -> Tuple[List[dict], dict]:
     """(records, provenance) for `alpaca-cleaned` (the hub), `smoke` (the shipped offline set) or a
     local JSONL file."""
     if spec in ALPACA_NAMES:
-        try:
-            import datasets
-        except ImportError:
-            raise UsageError("the alpaca-cleaned data needs the 'datasets' package: pip install datasets") from None
-        rows = datasets.load_dataset(ALPACA_HUB, split="train")
+        from methods.core import hub
+
+        rows = hub.load_dataset(ALPACA_HUB, split="train")
         records = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
                    for r in rows]
         return records, {"data": ALPACA_HUB, "fingerprint": getattr(rows, "_fingerprint", None)}

@@ -100,13 +100,9 @@ def _training_documents(spec: str, tokenizer) -> List[List[int]]:
 
 
 def _dclm_folder() -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise UsageError("the dclm data needs huggingface_hub: pip install huggingface_hub") from None
+    from methods.core import hub
 
-    root = Path(snapshot_download(DCLM_DATASET, repo_type="dataset", revision=DCLM_REVISION,
-                                  allow_patterns=["*.arrow"]))
+    root = hub.snapshot(DCLM_DATASET, revision=DCLM_REVISION, patterns=["*.arrow"], dataset=True)
     folders = sorted({p.parent for p in root.rglob("*.arrow") if train_data.ARROW_FILE.match(p.name)})
     if not folders:
         raise UsageError(f"the {DCLM_DATASET}@{DCLM_REVISION} download holds no rank_<k>.arrow files")

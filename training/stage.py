@@ -115,10 +115,30 @@ def train(options: TrainOptions, *, overwrite: bool = False, replace_stale: bool
     return 0
 
 
+MAXTEXT_PYTHON_ENV = "LPC_MAXTEXT_PYTHON"
+
+
+def maxtext_command() -> Optional[list]:
+    """How a MaxText stage runs from here: in this process ([]) where MaxText is installed, else in the
+    MaxText environment's python that LPC_MAXTEXT_PYTHON names; None where neither is there."""
+    import importlib.util
+
+    if importlib.util.find_spec("maxtext") is not None:
+        return []
+    python = os.environ.get(MAXTEXT_PYTHON_ENV, "").strip()
+    return [python] if python and Path(python).is_file() and os.access(python, os.X_OK) else None
+
+
 def _train_maxtext(options: TrainOptions, manifest: Callable[[dict], dict], log: Callable[[str], None]) -> int:
     """`--engine maxtext`: MaxText's trainer (training/maxtext/train.py), train.json as the HF engine writes it."""
     from training.maxtext import convert
 
+    command = maxtext_command()
+    if command:  # MaxText lives in its own environment (Python 3.12): the same stage, run there
+        with tempfile.TemporaryDirectory(prefix="lpc-train-") as folder:
+            request = write_request(options, Path(folder) / "request.json")
+            log(f"MaxText stage in {command[0]}")
+            return subprocess.run([*command, *worker_command(request)]).returncode
     convert.require_maxtext()  # one line outside the MaxText environment, before anything is written
     from methods.core.results import write_json_atomic
     from training.maxtext import train as maxtext_train

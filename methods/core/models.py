@@ -8,6 +8,7 @@ per-layer-width format (`lpc_llama`), and refuses what is not a decoder-only cau
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,11 +48,23 @@ def quiet_transformers() -> None:
 
 
 def resolve(spec: str) -> str:
+    """`smoke` -> the converted smoke model; a hub id -> where it is read from (methods/core/hub.py: the
+    mirror's folder when LPC_HUB_MIRROR is set, else the id itself); a local path as it is."""
     if spec == "smoke":
         from methods.core.smoke_model import smoke_model_dir
 
         return str(smoke_model_dir())
+    if is_hub_id(spec):
+        from methods.core import hub
+
+        return hub.model(spec)
     return spec
+
+
+def is_hub_id(spec: str) -> bool:
+    """`owner/name` (or a bare name) that is no local path: what the hub is asked for."""
+    return not (Path(os.path.expanduser(spec)).exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+                or spec == "smoke" or not spec)
 
 
 def checked_path(spec: str, flag: str = "--model") -> str:

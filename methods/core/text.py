@@ -12,7 +12,8 @@ it needs (`load_token_file`: 2-D, non-negative, as int64).
 
 Hub datasets go through `load_dataset`, which knows the `datasets` versions' differences: script
 datasets (bookcorpus, ptb_text_only) need `trust_remote_code` on datasets 2.20-3.x and are read from
-their parquet conversion on datasets >= 4, where scripts no longer run.
+their parquet conversion on datasets >= 4, where scripts no longer run (and from a hub mirror, which
+holds that conversion, on any version). Every hub read passes methods/core/hub.py.
 """
 from __future__ import annotations
 
@@ -98,19 +99,19 @@ def encoder(tokenizer, *, add_special_tokens: bool = True) -> Callable[[str], Li
 
 # ----------------------------------------------------------------------------- hub text
 
-def load_dataset(*args, script: bool = False, **kwargs):
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError("hub data needs the 'datasets' package: pip install datasets") from None
-    major = int(datasets.__version__.split(".")[0])
-    if script and major < 4:
-        # Script datasets run their loading script only when trusted (2.20-3.x); on datasets >= 4 the
-        # scripts are gone and the parquet conversion the hub keeps under refs/convert/parquet is read.
-        kwargs["trust_remote_code"] = True
+def load_dataset(path: str, name=None, *, script: bool = False, **kwargs):
+    """A hub dataset through the kit's one hub door (methods/core/hub.py), knowing the `datasets` versions."""
+    from methods.core import hub
+
+    major = int(hub.datasets_version().split(".")[0])
+    if script and (major >= 4 or hub.mirror() is not None):
+        # On datasets >= 4 the loading scripts are gone and the parquet conversion the hub keeps under
+        # refs/convert/parquet is read; a mirror holds that conversion for every datasets version.
+        kwargs["revision"] = hub.PARQUET_CONVERSION
     elif script:
-        kwargs["revision"] = "refs/convert/parquet"
-    return datasets.load_dataset(*args, **kwargs)
+        # Script datasets run their loading script only when trusted (2.20-3.x).
+        kwargs["trust_remote_code"] = True
+    return hub.load_dataset(path, name, **kwargs)
 
 
 def c4_train():

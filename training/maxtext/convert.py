@@ -19,6 +19,7 @@ Runs in the MaxText environment (Python 3.12: `.venv-maxtext` or the `maxtext` i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -274,7 +275,8 @@ def to_hf(mt_dir: Path, out: Path) -> Path:
         overrides = {**manifest["maxtext_model"], **runtime_overrides(scan_layers=manifest["scan_layers"]),
                      "model_name": name, "load_parameters_path": str(items),
                      "base_output_directory": str(staging)}
-        mt_to_hf.main(["lpc", base_yml(), *maxtext_args(overrides)])
+        with _tokenizer_optional(mt_to_hf, mt_dir / HF_SUBDIR):
+            mt_to_hf.main(["lpc", base_yml(), *maxtext_args(overrides)])
         _retie(staging, mtconfig.is_tied(json.loads((mt_dir / HF_SUBDIR / "config.json").read_text())))
         if hf_config.model_type == "lpc_llama":
             from methods.modeling_lpc import source_files
@@ -294,6 +296,31 @@ def to_hf(mt_dir: Path, out: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+@contextlib.contextmanager
+def _tokenizer_optional(mt_to_hf, hf_dir: Path):
+    """A weights-only source (no tokenizer files) converts back weights only: MaxText's export loads a
+    tokenizer unconditionally, though its writer saves one only when given; without files it gets none."""
+    if has_tokenizer(hf_dir):
+        yield
+        return
+
+    class NoTokenizer:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return None
+
+    original = mt_to_hf.AutoTokenizer
+    mt_to_hf.AutoTokenizer = NoTokenizer
+    try:
+        yield
+    finally:
+        mt_to_hf.AutoTokenizer = original
 
 
 def _staging(out: Path) -> Path:
