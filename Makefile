@@ -188,6 +188,10 @@ rehearse-%: $(VENV)/.stamp $(REHEARSAL_MIRROR)
 
 rehearse-all:
 	@for m in $(METHODS); do $(MAKE) --no-print-directory rehearse-$$m || exit 1; done
+	@# With every method run, a claim still waiting for another method's row is a cell no row produced.
+	$(VENV)/bin/lpc diff --all --complete --no-plots --results-dir $(REHEARSAL)/results > $(REHEARSAL)/diff-all.txt \
+	  || { grep -E 'PENDING|MISSING|FAIL' $(REHEARSAL)/diff-all.txt; exit 1; }
+	@grep -E '^(figures )?summary' $(REHEARSAL)/diff-all.txt | sort | uniq -c
 
 # ---- gpu-check: the checks that need CUDA, one JSON (repro/gpu_check.py; sized for 8 min on one H100) --
 # Refused at once, in one line, where there is no GPU (before any set-up); a dry run (-n) only resolves.

@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--results-dir", type=Path, default=Path("results/local"))
     diff.add_argument("--table", type=Path, help="with a method: a table file instead of repro/tables/<method>.yaml")
     diff.add_argument("--rows", help="with a method: comma-separated row ids to compare (default: all)")
+    diff.add_argument("--complete", action="store_true",
+                      help="fail on a cell still waiting for another method's result (PENDING) too")
     diff.add_argument("--no-plots", action="store_true",
                       help="compare the figures but write no PNG (default: <results>/<profile>/<method>/figures/)")
     return parser
@@ -419,7 +421,8 @@ def cmd_diff(args) -> int:
         unknown = [r for r in rows or () if r not in table.rows]
         if unknown:
             raise UsageError(f"unknown row {', '.join(unknown)}; table rows: {', '.join(table.rows)}")
-        failed |= differ.report(method, table, args.results_dir, rows=rows, plots=not args.no_plots)
+        failed |= differ.report(method, table, args.results_dir, rows=rows, plots=not args.no_plots,
+                                complete=args.complete)
     return 1 if failed else 0
 
 

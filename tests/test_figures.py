@@ -314,3 +314,12 @@ def test_a_series_whose_reading_is_a_contradicted_claim_reports_xfail_then_xpass
         report = diff.diff_profile("m", table, tmp_path)
         assert [(d.status, d.gating) for d in report.series] == [(status, True)]
         assert note in report.series[0].note and not report.failed
+
+
+def test_a_complete_diff_fails_on_a_cell_still_waiting_for_another_method(tmp_path):
+    """`make rehearse-all` ends with `lpc diff --all --complete`: every method ran, so PENDING is a cell
+    that no row produced."""
+    table = load_profile("shortgpt", "paper")
+    rows = []  # none of its own rows: what is left is the series that waits for minitron-depth's result
+    assert diff.report("shortgpt", table, tmp_path, rows=rows, plots=False, log=lambda _: None) is False
+    assert diff.report("shortgpt", table, tmp_path, rows=rows, plots=False, complete=True, log=lambda _: None)
