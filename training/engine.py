@@ -42,8 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from methods.core.errors import UsageError
-from methods.core.models import load_model
-from training import checkpoint, kinds
+from training import checkpoint, kinds, loading
 from training.losses import full_tensor, lm_loss
 from training.options import TrainOptions
 
@@ -126,11 +125,26 @@ def shard(model: nn.Module, run: Run, *, activation_checkpointing: bool = False)
     kwargs = {}
     if run.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        model.to(run.device)
+        if not any(p.is_meta for p in model.parameters()):  # an empty model gets storage after sharding
+            model.to(run.device)
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def load(options: TrainOptions, student_path: str, run: Run):
+    """Step 3 and 4 of `train()`: the student (and the kind's extension) loaded and sharded, before any
+    optimizer state exists. A sharded run builds it empty and reads each rank's own shards
+    (training/loading.py); the kind's extension is made on the unloaded model and sees the loaded,
+    sharded one in `sharded()`."""
+    model = loading.skeleton(student_path, run)
+    extension = kinds.get(options.kind).extension(model, options, run)
+    model.train()
+    shard(model, run, activation_checkpointing=options.activation_checkpointing)
+    loading.fill(model, student_path, run)
+    extension.sharded(model, run, shard)
+    return model, extension
 
 
 def _fsdp2():
@@ -175,11 +189,7 @@ def train(options: TrainOptions, *, student_path: str, data_factory: Callable,
         torch.manual_seed(options.seed)
 
         started = time.perf_counter()
-        model, _ = load_model(student_path, load_tokenizer=False)
-        extension = kinds.get(options.kind).extension(model, options, run)
-        model.train()
-        shard(model, run, activation_checkpointing=options.activation_checkpointing)
-        extension.sharded(model, run, shard)
+        model, extension = load(options, student_path, run)
         optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(options.beta1, options.beta2),
                                       eps=options.eps, weight_decay=options.weight_decay)
         optimizers = [optimizer] + list(extension.optimizers)
