@@ -6,8 +6,15 @@ The whole run, top to bottom, is `train()`:
 
 1. process group: gloo on CPU, NCCL on GPUs; torchrun's environment, or a group of one in-process;
 2. data: global batch = world x accumulation x micro batch (training/data.py);
-3. the student from its Hugging Face checkpoint, fp32 master weights, and the kind's extension built on
-   it (kd's teacher, sparse's zeros, sheared's gates);
+3. the student from its Hugging Face checkpoint, fp32 master weights, and the kind's extension (`load`).
+   A sharded run never holds the whole model on any rank: the student is built on the meta device
+   (parameters without storage; non-persistent buffers such as rotary `inv_freq` computed for real),
+   the extension is made on that empty model (sheared's gates and hooks need only its structure), FSDP2
+   shards it (step 4), and then each rank reads only its own dim-0 rows of every parameter from the
+   safetensors files into its local shards (training/loading.py; bf16/fp16 checkpoints converted as
+   `from_pretrained` converts). Only then does the extension see weights (`Extension.sharded`): kd
+   builds, shards and reads its teacher the same way, sparse finds its zeros on the local shards. One
+   process on the CPU, nothing sharded, loads the whole model with `from_pretrained` as before;
 4. FSDP2: `fully_shard` on every decoder layer, then the root; bf16 compute on GPUs, fp32 on CPUs (one
    process on the CPU trains the model as it is);
 5. AdamW(0.9, 0.95, eps 1e-8, weight decay 0.1), the learning rate of `lr_at` set before every step

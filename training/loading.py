@@ -71,7 +71,10 @@ def _local_rows(param) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """This rank's shard of a parameter and the dim-0 rows of the whole it holds."""
     if not hasattr(param, "to_local"):
         return param, (0, param.shape[0] if param.dim() else 1)
-    from torch.distributed.tensor import Shard
+    try:  # torch >= 2.5
+        from torch.distributed.tensor import Shard
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import Shard
 
     if tuple(param.placements) != (Shard(0),):
         raise RuntimeError(f"expected FSDP2's dim-0 shards, got placements {param.placements}")

@@ -133,6 +133,8 @@ def empty_model(spec: str, *, dtype: str = "float32"):
     with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(wanted))
     model.tie_weights()  # accelerate's empty parameters replace the tied one with two
+    for name, value in dtype_kwarg(wanted).items():  # from_pretrained records the dtype it loaded in
+        setattr(model.config, name, value)
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # none saved: from_pretrained keeps the one derived from the config, as here

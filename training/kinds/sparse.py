@@ -3,7 +3,6 @@ the gradients and optimizer state of the pruned weights are zeroed every step, a
 that no pruned weight moved."""
 from __future__ import annotations
 
-
 from methods.core.errors import UsageError
 from training.kinds.base import Extension, Kind
 
