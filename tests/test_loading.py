@@ -1,7 +1,7 @@
 """Sharded loading (training/loading.py): on two gloo processes each rank reads only its own rows of
 every parameter, never a whole one, and the sharded model gathered back equals `load_model`'s, for a
-checkpoint split over several files with uneven shards, a tied-embedding bf16 checkpoint, and the kit's
-per-layer-width format."""
+checkpoint split over several files with uneven shards, a tied-embedding bf16 checkpoint, the kit's
+per-layer-width format, and every declared architecture (biases, q/k norms, fused projections)."""
 from __future__ import annotations
 
 import math
@@ -9,13 +9,15 @@ import math
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
+from tests.conftest import ARCHITECTURES, tiny_llama, tiny_model
 
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    import transformers
+
     from methods import surgery
 
     root = tmp_path_factory.mktemp("loading")
@@ -31,6 +33,9 @@ def checkpoints(tmp_path_factory):
     surgery.keep_mlp_channels(narrow.model.layers[1], list(range(40)))
     surgery.sync_config(narrow)
     narrow.save_pretrained(root / "per_layer")
+    for arch in ARCHITECTURES:
+        if arch != "qwen3" or hasattr(transformers, "Qwen3Config"):
+            tiny_model(arch).save_pretrained(root / arch)
     return root
 
 
@@ -83,7 +88,8 @@ def _worker(rank: int, root: str, names) -> None:
 def test_each_rank_reads_only_its_own_shards_and_the_result_is_the_full_load(checkpoints):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(str(checkpoints), ["split", "tied_bf16", "per_layer"]), nprocs=WORLD, join=True)
+    names = ["split", "tied_bf16", "per_layer"] + [a for a in ARCHITECTURES if (checkpoints / a).is_dir()]
+    mp.spawn(_worker, args=(str(checkpoints), names), nprocs=WORLD, join=True)
 
 
 def test_one_process_on_the_cpu_loads_as_before(checkpoints):
