@@ -28,6 +28,10 @@ bf16 model.
 Start-up (`--only startup`; repro/bench_startup.py): help and refusal latency, and the fixed cost of a
 prune process against the original's (transformers 4.43), split by phase.
 
+Host memory (`--only memory`; repro/bench_memory.py): the summed peak RSS of a 2-process kd run's
+loading (a 0.5 B student and teacher) against 1.5x their fp32 bytes; `--memory-old` adds the loading
+as it was before sharded loading.
+
 Results go to a JSON file; targets are reported, never asserted: timings belong to benchmarks, not tests.
 
     python -m repro.bench --out bench/out/bench.json [--model smoke] [--nsamples 8 --seqlen 256]
@@ -48,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from repro.bench_memory import host_memory, print_memory
 from repro.bench_startup import print_startup, startup
 from repro.bench_training import (maxtext_checkpoint, maxtext_eval, print_maxtext_eval, print_training,
                                   training_mfu, training_throughput)
@@ -243,7 +248,7 @@ def random_llama2_7b(dtype: str):
         torch.set_default_dtype(torch.float32)
 
 
-PARTS = ("prune", "smoke-row", "eval-parity", "train", "startup")
+PARTS = ("prune", "smoke-row", "eval-parity", "train", "startup", "memory")
 
 
 def main(argv=None) -> int:
@@ -270,6 +275,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--train-batch", type=int, default=2, help="sequences per step (one micro-batch)")
     parser.add_argument("--train-seqlen", type=int, default=128)
+    parser.add_argument("--memory-old", action="store_true", help="memory: also measure the loading before issue 21")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one part here
     parser.add_argument("--maxtext-eval", metavar="MT_DIR|smoke",
                         help="only the MaxText lm-eval bench on this converted checkpoint, or on the smoke model "
@@ -298,7 +304,7 @@ def main(argv=None) -> int:
     which = [m for m in args.methods.split(",") if m] if "prune" in parts else []
     which += [p for p in ("smoke-row", "eval-parity") if p in parts]
     which += ["train", "train-mfu"] if "train" in parts else []
-    which += ["startup"] if "startup" in parts else []
+    which += [p for p in ("startup", "memory") if p in parts]
     results = []
     for item in which:
         result = _in_fresh_process(item, argv)
@@ -343,6 +349,8 @@ def _run_here(item: str, args) -> dict:
         return training_mfu()
     if item == "startup":
         return startup()
+    if item == "memory":
+        return host_memory(old=args.memory_old)
     if item == "smoke-row":
         return smoke_row(args.smoke_row)
     if item == "eval-parity":
@@ -399,7 +407,7 @@ def _in_fresh_process(which: str, argv) -> Optional[dict]:
 
 PRINTERS = {"prune": print_prune, "smoke_row": print_smoke_row, "eval_parity": print_eval_parity,
             "train_throughput": print_training, "train_mfu": print_training, "maxtext_eval": print_maxtext_eval,
-            "startup": print_startup}
+            "startup": print_startup, "host_memory": print_memory}
 
 if __name__ == "__main__":
     sys.exit(main())

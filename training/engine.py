@@ -6,8 +6,15 @@ The whole run, top to bottom, is `train()`:
 
 1. process group: gloo on CPU, NCCL on GPUs; torchrun's environment, or a group of one in-process;
 2. data: global batch = world x accumulation x micro batch (training/data.py);
-3. the student from its Hugging Face checkpoint, fp32 master weights, and the kind's extension built on
-   it (kd's teacher, sparse's zeros, sheared's gates);
+3. the student from its Hugging Face checkpoint, fp32 master weights, and the kind's extension (`load`).
+   A sharded run never holds the whole model on any rank: the student is built on the meta device
+   (parameters without storage; non-persistent buffers such as rotary `inv_freq` computed for real),
+   the extension is made on that empty model (sheared's gates and hooks need only its structure), FSDP2
+   shards it (step 4), and then each rank reads only its own dim-0 rows of every parameter from the
+   safetensors files into its local shards (training/loading.py; bf16/fp16 checkpoints converted as
+   `from_pretrained` converts). Only then does the extension see weights (`Extension.sharded`): kd
+   builds, shards and reads its teacher the same way, sparse finds its zeros on the local shards. One
+   process on the CPU, nothing sharded, loads the whole model with `from_pretrained` as before;
 4. FSDP2: `fully_shard` on every decoder layer, then the root; bf16 compute on GPUs, fp32 on CPUs (one
    process on the CPU trains the model as it is);
 5. AdamW(0.9, 0.95, eps 1e-8, weight decay 0.1), the learning rate of `lr_at` set before every step
@@ -42,8 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from methods.core.errors import UsageError
-from methods.core.models import load_model
-from training import checkpoint, kinds
+from training import checkpoint, kinds, loading
 from training.losses import full_tensor, lm_loss
 from training.options import TrainOptions
 
@@ -126,11 +132,26 @@ def shard(model: nn.Module, run: Run, *, activation_checkpointing: bool = False)
     kwargs = {}
     if run.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        model.to(run.device)
+        if not any(p.is_meta for p in model.parameters()):  # an empty model gets storage after sharding
+            model.to(run.device)
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def load(options: TrainOptions, student_path: str, run: Run):
+    """Step 3 and 4 of `train()`: the student (and the kind's extension) loaded and sharded, before any
+    optimizer state exists. A sharded run builds it empty and reads each rank's own shards
+    (training/loading.py); the kind's extension is made on the unloaded model and sees the loaded,
+    sharded one in `sharded()`."""
+    model = loading.skeleton(student_path, run)
+    extension = kinds.get(options.kind).extension(model, options, run)
+    model.train()
+    shard(model, run, activation_checkpointing=options.activation_checkpointing)
+    loading.fill(model, student_path, run)
+    extension.sharded(model, run, shard)
+    return model, extension
 
 
 def _fsdp2():
@@ -175,11 +196,7 @@ def train(options: TrainOptions, *, student_path: str, data_factory: Callable,
         torch.manual_seed(options.seed)
 
         started = time.perf_counter()
-        model, _ = load_model(student_path, load_tokenizer=False)
-        extension = kinds.get(options.kind).extension(model, options, run)
-        model.train()
-        shard(model, run, activation_checkpointing=options.activation_checkpointing)
-        extension.sharded(model, run, shard)
+        model, extension = load(options, student_path, run)
         optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(options.beta1, options.beta2),
                                       eps=options.eps, weight_decay=options.weight_decay)
         optimizers = [optimizer] + list(extension.optimizers)

@@ -116,7 +116,35 @@ def load_model(spec: str, *, dtype: str = "float32", revision: Optional[str] = N
     return model, tokenizer
 
 
-def _check_causal_lm(path: str, revision: Optional[str]) -> None:
+def empty_model(spec: str, *, dtype: str = "float32"):
+    """The model `load_model(spec, dtype=dtype)` returns, its parameters on the meta device: the same
+    class, config, generation config, modes and ties, and real non-persistent buffers (rotary
+    `inv_freq`), computed as a normal build computes them. Nothing but the configs is read; the
+    sharded training path (training/loading.py) fills each rank's shards from the checkpoint."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    wanted = torch_dtype(dtype)
+    path = checked_path(spec)
+    config = _check_causal_lm(path, None)
+    # The build's weight initialisation runs on meta tensors; the fork keeps the global generator
+    # exactly where from_pretrained leaves it (untouched), whatever a model's __init__ draws.
+    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(wanted))
+    model.tie_weights()  # accelerate's empty parameters replace the tied one with two
+    for name, value in dtype_kwarg(wanted).items():  # from_pretrained records the dtype it loaded in
+        setattr(model.config, name, value)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # none saved: from_pretrained keeps the one derived from the config, as here
+        pass
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def _check_causal_lm(path: str, revision: Optional[str]):
     from transformers import AutoConfig
 
     register_kit_format(path)
@@ -127,6 +155,7 @@ def _check_causal_lm(path: str, revision: Optional[str]) -> None:
     architectures = getattr(config, "architectures", None) or []
     if getattr(config, "is_encoder_decoder", False) or not any(a.endswith("ForCausalLM") for a in architectures):
         raise UsageError(f"{path} is not a decoder-only causal LM (architectures: {architectures or 'none'})")
+    return config
 
 
 def register_kit_format(path: str) -> None:

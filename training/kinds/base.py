@@ -41,7 +41,9 @@ class Kind:
         """Checks on the checkpoints it will read, before the model is loaded; raises UsageError."""
 
     def extension(self, model, options: "TrainOptions", run) -> "Extension":
-        """What it adds to the loop, built on the unsharded model (before FSDP2 wraps it)."""
+        """What it adds to the loop, built on the model before FSDP2 wraps it and before its weights are
+        read: on a sharded run its parameters are still empty (meta), so a kind that needs the weights
+        (sparse's zeros) or another model (kd's teacher) gets them in `Extension.sharded`."""
         return Extension()
 
     def train_alone(self, options: "TrainOptions", *, model_path: str, tokenizer, log: Callable[[str], None]):
@@ -57,7 +59,8 @@ class Extension:
     optimizers: List = []
 
     def sharded(self, model, run, shard: Callable) -> None:
-        """After FSDP2 has wrapped the model (`shard` wraps another model the same way)."""
+        """After FSDP2 has wrapped the model and its weights are loaded (`shard` wraps another model the
+        same way; training/loading.py loads one into its shards)."""
 
     def sample(self, step: int, micro: int) -> None:
         """Before each micro-batch's forward."""

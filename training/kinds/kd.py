@@ -31,19 +31,26 @@ class Distilling(Kind):
                              "ids than the student's: logit distillation needs the same tokenizer")
 
     def extension(self, model, options, run) -> Extension:
-        from methods.core.models import checked_path, load_model
+        from methods.core.models import checked_path
 
-        teacher, _ = load_model(checked_path(options.teacher, "--teacher"), load_tokenizer=False)
-        teacher.requires_grad_(False)
-        return Teacher(teacher, options.kd_temperature, options.kd_alpha)
+        return Teacher(checked_path(options.teacher, "--teacher"), options.kd_temperature, options.kd_alpha)
 
 
 class Teacher(Extension):
-    def __init__(self, teacher, temperature: float, alpha: float):
-        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+    """The teacher is loaded once the student is: built like it (empty on a sharded run), sharded like
+    it, and only then read, so that each rank holds its own shards of both and no more."""
+
+    def __init__(self, path: str, temperature: float, alpha: float):
+        self.path, self.temperature, self.alpha = path, temperature, alpha
+        self.teacher = None
 
     def sharded(self, model, run, shard) -> None:
+        from training import loading
+
+        self.teacher = loading.skeleton(self.path, run)
+        self.teacher.requires_grad_(False)
         shard(self.teacher, run)
+        loading.fill(self.teacher, self.path, run)
 
     def loss(self, model, ids):
         import torch

@@ -3,8 +3,6 @@ the gradients and optimizer state of the pruned weights are zeroed every step, a
 that no pruned weight moved."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from methods.core.errors import UsageError
 from training.kinds.base import Extension, Kind
 
@@ -22,15 +20,18 @@ class Sparse(Kind):
                              "pruned model keeping its zeros; prune it first (e.g. lpc prune --method wanda)")
 
     def extension(self, model, options, run) -> Extension:
-        return KeptZeros(zero_fraction(model))
+        return KeptZeros()
 
 
 class KeptZeros(Extension):
-    def __init__(self, fraction: float):
-        self.fraction = fraction
+    """Its zeros are found on the loaded model's local shards (a sharded run's model is empty before)."""
+
+    def __init__(self):
+        self.fraction = None
         self.masks = None
 
     def sharded(self, model, run, shard) -> None:
+        self.fraction = zero_fraction(model, run.device)
         self.masks = SparsityMasks(model, run.device)
 
     def after_clip(self) -> None:
@@ -50,25 +51,34 @@ def sparse_parameters(model) -> dict:
             if name.endswith(SPARSE_PARAMETER_SUFFIXES) and ".layers." in name}
 
 
-def zero_fraction(model) -> float:
+def zero_fraction(model, device=None) -> float:
+    """Zeros among the sparse parameters; counted on the local shards and summed over the ranks where
+    a process group exists (exact integers, so the fraction is the whole model's to the last bit)."""
+    import torch
+    import torch.distributed as dist
+
     params = sparse_parameters(model).values()
     total = sum(p.numel() for p in params)
-    return sum(int((p == 0).sum()) for p in params) / total if total else 0.0
+    zeros = sum(int((_local(p) == 0).sum()) for p in params)
+    if dist.is_initialized():
+        count = torch.tensor(zeros, dtype=torch.int64, device=device)
+        dist.all_reduce(count)
+        zeros = int(count)
+    return zeros / total if total else 0.0
 
 
 def stored_zero_fraction(path: str) -> float:
     """Zeros among the decoder projection weights of a saved checkpoint, read tensor by tensor."""
-    from safetensors import safe_open
+    from training.loading import Checkpoint
 
-    files = sorted(Path(path).glob("*.safetensors"))
+    # Read, not memory-mapped: every rank of a sharded run checks this, and mapped pages stay resident.
+    stored = Checkpoint(path)
     zeros = total = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if name.endswith(SPARSE_PARAMETER_SUFFIXES) and ".layers." in name:
-                    tensor = handle.get_tensor(name)
-                    zeros += int((tensor == 0).sum())
-                    total += tensor.numel()
+    for name in stored.tensors:
+        if name.endswith(SPARSE_PARAMETER_SUFFIXES) and ".layers." in name:
+            tensor = stored.read(name)
+            zeros += int((tensor == 0).sum())
+            total += tensor.numel()
     if total == 0:
         raise UsageError(f"{path} has no safetensors decoder weights to train sparsely")
     return zeros / total
