@@ -109,5 +109,6 @@ def print_memory(result: dict) -> None:
             print(f"{'':10s} {stored:8s} stored, {mode:7s} {ranks} GiB; sum {numbers['sum_bytes'] / gib:.2f} GiB = "
                   f"{numbers['ratio']:.2f}x the models (target <= {result['target_ratio']}x: {verdict})")
 
+
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), sys.argv[2])

@@ -89,8 +89,12 @@ class Comparison:
     ours: Dict[Tuple[str, str], object] = field(default_factory=dict)  # (figure, series) -> points | level
 
     @property
+    def statuses(self) -> List[str]:
+        return [d.status for d in [*self.cells, *self.claims, *self.series, *self.figure_claims]]
+
+    @property
     def failed(self) -> bool:
-        return failed(d.status for d in [*self.cells, *self.claims, *self.series, *self.figure_claims])
+        return failed(self.statuses)
 
 
 def failed(statuses: Iterable[str]) -> bool:
@@ -390,6 +394,4 @@ def report(method: str, table: Profile, root: Path, *, rows: Optional[Sequence[s
     if plots and table.figures and folder.is_dir():  # no results of ours, nothing to draw: leave the tree alone
         for written in figures.write_plots(table.figures, comparison.ours, folder / "figures"):
             log(f"plot: {written}")
-    statuses = [d.status for d in [*comparison.cells, *comparison.claims, *comparison.series,
-                                   *comparison.figure_claims]]
-    return comparison.failed or (complete and any(status in ABSENT for status in statuses))
+    return comparison.failed or (complete and any(status in ABSENT for status in comparison.statuses))

@@ -38,12 +38,12 @@ class HubObject:
 
 def data_objects(spec: str) -> List[HubObject]:
     """The hub objects (or local inputs) a data spec of calibration, evaluation or training reads."""
-    from methods.core import text
+    from methods.core import hub, text
     from repro import data
     from training import lora, sources
     from training.maxtext import train as maxtext_train
 
-    parquet = "refs/convert/parquet"
+    parquet = hub.PARQUET_CONVERSION
     known = {
         "c4": [HubObject("dataset", text.C4_DATASET, None, ("README.md", text.C4_TRAIN_FILE))],
         "wikitext2": [HubObject("dataset", text.WIKITEXT_DATASET, None, ("README.md", f"{text.WIKITEXT_CONFIG}/*"))],
@@ -64,7 +64,7 @@ def data_objects(spec: str) -> List[HubObject]:
     }
     if spec in known:
         return known[spec]
-    if "/" in spec and not Path(spec).expanduser().exists() and not spec.startswith(("/", ".", "~")):
+    if "/" in spec and not hub.is_local_path(spec):
         return [HubObject("local", spec, None, ("*",), "a local folder (read relative to the working directory)")]
     return []
 

@@ -23,6 +23,7 @@ from repro.hub_objects import MODEL_FILES, HubObject, data_objects, task_dataset
 
 PAPER_PREFIX = "paper"
 
+
 def profile_objects(method: str, profile: str) -> List[Tuple[HubObject, str]]:
     """(object, what reads it) for every hub read of a method's profile, duplicates kept out."""
     from methods.core.models import is_hub_id

@@ -85,13 +85,15 @@ def recipe_config(config: dict, rows: Dict[str, dict], method: str) -> tuple:
 
 def train_spec(spec: dict, root: Path) -> dict:
     """A train spec with its steps, batches and held-out windows cut (its schedule's fractions kept)."""
+    from training import kinds
+
     spec = dict(spec)
     spec["steps"] = min(spec.get("steps") or CUTS["train_steps"], CUTS["train_steps"])
     spec["global_batch"] = min(spec["global_batch"], CUTS["train_global_batch"])
     spec["micro_batch"] = min(spec["micro_batch"], CUTS["train_micro_batch"])
     spec["seqlen"] = min(spec["seqlen"], CUTS["train_seqlen"])
     spec["save_every"] = CUTS["save_every"]
-    if spec.get("kind") != "lora" and spec.get("engine", "hf") == "hf":
+    if kinds.get(spec["kind"]).distributed and spec.get("engine", "hf") == "hf":
         spec["nproc"] = CUTS["train_nproc"]
     if spec.get("update_interval"):
         spec["update_interval"] = CUTS["update_interval"]
@@ -101,8 +103,8 @@ def train_spec(spec: dict, root: Path) -> dict:
         value = spec.get(key)
         if isinstance(value, str) and _is_local(value):
             spec[key] = str(root / LOCAL / value)
-    recipe = dict(spec.get("recipe") or {})
-    if spec.get("kind") == "lora":
+    if spec.get("recipe"):  # a kind's own settings (LoRA's recipe): its counts cut, as the steps are
+        recipe = dict(spec["recipe"])
         for key, cut in (("val_set_size", "lora_val_set_size"), ("warmup_steps", "lora_steps_between"),
                          ("eval_steps", "lora_steps_between")):
             if key in recipe:

@@ -63,12 +63,12 @@ def load_table(recipe):
 def check_engines(steps: List[Step]) -> None:
     """Every training stage's engine can run from here (MaxText: installed, or its environment named by
     LPC_MAXTEXT_PYTHON), or one line before anything runs: not after hours of other rows."""
-    from training.stage import maxtext_command
+    from training.stage import MAXTEXT_PYTHON_ENV, maxtext_command
 
     for step in steps:
         if step.stage == "train" and step.request.engine == "maxtext" and maxtext_command() is None:
             raise UsageError(f"row {step.row} trains with --engine maxtext, which this environment lacks (no "
-                             "maxtext here and LPC_MAXTEXT_PYTHON unset): point LPC_MAXTEXT_PYTHON at the MaxText "
+                             f"maxtext here and {MAXTEXT_PYTHON_ENV} unset): point {MAXTEXT_PYTHON_ENV} at the MaxText "
                              "environment's python (.venv-maxtext/bin/python), run that row in the maxtext image "
                              "(--rows), or submit it (--submit skypilot --tpu ...); nothing was run")
 

@@ -23,15 +23,13 @@ import gzip
 import json
 import random
 import re
-import shutil
 import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from methods.core.errors import UsageError
+from repro.standin_models import complete, write_staged
 
-MARKER = ".lpc-standin.json"
-STANDIN_VERSION = 1
 REDPAJAMA_DOMAINS = ("cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4-rp")
 # Rows per split of an lm-eval task: enough training documents for 32 shots, a few to score.
 TASK_ROWS = {"train": 40, "validation": 8, "test": 8}
@@ -273,37 +271,17 @@ def write_all(out: Path, objects) -> List[str]:
         if obj.task is not None:
             continue
         folder = out / obj.folder
-        if _complete(folder):
+        if complete(folder):
             lines.append(f"data    {obj.repo}: {folder} (there already)")
             continue
         if obj.kind == "dataset":
             writer = HUB_DATASETS.get(obj.repo)
             if writer is None:
                 raise UsageError(f"no stand-in writer for hub dataset {obj.repo} (add one to repro/standin_data.py)")
-            skipped = _write(folder, lambda f: writer(f, Text(obj.repo)))
+            skipped = write_staged(folder, lambda f: writer(f, Text(obj.repo)))
         elif obj.repo.startswith("$"):
-            skipped = _write(folder, lambda f: array_record(f, Text(obj.repo)))
+            skipped = write_staged(folder, lambda f: array_record(f, Text(obj.repo)))
         else:
-            skipped = _write(folder, lambda f: redpajama(f, Text(obj.repo)))
+            skipped = write_staged(folder, lambda f: redpajama(f, Text(obj.repo)))
         lines.append(f"data    {obj.repo}: " + (f"skipped: {skipped}" if skipped else str(folder)))
     return lines + task_datasets(out, sorted({o.task for o in objects if o.task is not None}))
-
-
-def _write(folder: Path, writer) -> Optional[str]:
-    staging = folder.parent / f".{folder.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    skipped = writer(staging)
-    if skipped:
-        shutil.rmtree(staging, ignore_errors=True)
-        return skipped
-    (staging / MARKER).write_text(json.dumps({"version": STANDIN_VERSION}) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
-    return None
-
-
-def _complete(folder: Path) -> bool:
-    marker = folder / MARKER
-    return marker.is_file() and json.loads(marker.read_text()).get("version") == STANDIN_VERSION

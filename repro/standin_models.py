@@ -21,7 +21,7 @@ import json
 import shutil
 import zlib
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 from methods.core.errors import UsageError
 
@@ -35,8 +35,8 @@ VOCAB = 2048
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
           "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
           "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_size": 4096, "use_cache": True}
-# The paper models' config.json, as published (the fields the kit and transformers read). [unverified]
-# marks a value recalled, not read off the hub: the stored dtype of the Sheared "Pruned" checkpoints.
+# The paper models' config.json, as published (the fields the kit and transformers read). One value is
+# recalled, not read off the hub: the stored dtype (float32) of the Sheared "Pruned" checkpoints.
 TOPOLOGIES: Dict[str, dict] = {
     "meta-llama/Llama-2-7b-hf": {**_LLAMA, "intermediate_size": 11008, "num_key_value_heads": 32,
                                  "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
@@ -119,7 +119,7 @@ def write_model(out: Path, repo: str) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     folder = out / repo
-    if _complete(folder):
+    if complete(folder):
         return folder
     config = standin_config(repo)
     torch.manual_seed(zlib.crc32(repo.encode()))
@@ -127,27 +127,25 @@ def write_model(out: Path, repo: str) -> Path:
     dtype = getattr(torch, config["torch_dtype"])
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
              if not (config["tie_word_embeddings"] and k == "lm_head.weight")}
-    staging = folder.parent / f".{folder.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    names = list(state)
-    size = -(-len(names) // SHARDS)
-    weight_map = {}
-    for index in range(SHARDS):
-        file = f"model-{index + 1:05d}-of-{SHARDS:05d}.safetensors"
-        part = {k: state[k] for k in names[index * size:(index + 1) * size]}
-        save_file(part, str(staging / file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in part})
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    _write_json(staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(staging / "config.json", {**config, "transformers_version": "4.43.0"})
-    _write_json(staging / "generation_config.json", {"bos_token_id": config["bos_token_id"],
-                                                     "eos_token_id": config["eos_token_id"]})
-    tokenizer().save_pretrained(str(staging))
-    _write_json(staging / MARKER, {"version": STANDIN_VERSION, "of": repo, "width_divisor": WIDTH_DIVISOR})
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
+
+    def write(staging: Path) -> None:
+        names = list(state)
+        size = -(-len(names) // SHARDS)
+        weight_map = {}
+        for index in range(SHARDS):
+            file = f"model-{index + 1:05d}-of-{SHARDS:05d}.safetensors"
+            part = {k: state[k] for k in names[index * size:(index + 1) * size]}
+            save_file(part, str(staging / file), metadata={"format": "pt"})
+            weight_map.update({k: file for k in part})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        _write_json(staging / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                               "weight_map": weight_map})
+        _write_json(staging / "config.json", {**config, "transformers_version": "4.43.0"})
+        _write_json(staging / "generation_config.json", {"bos_token_id": config["bos_token_id"],
+                                                         "eos_token_id": config["eos_token_id"]})
+        tokenizer().save_pretrained(str(staging))
+
+    write_staged(folder, write, of=repo, width_divisor=WIDTH_DIVISOR)
     return folder
 
 
@@ -160,10 +158,28 @@ def write_all(out: Path, objects) -> List[str]:
     return lines
 
 
-def _complete(folder: Path) -> bool:
-    marker = folder / MARKER
-    return marker.is_file() and json.loads(marker.read_text()).get("version") == STANDIN_VERSION
-
-
 def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def write_staged(folder: Path, writer: Callable[[Path], Optional[str]], **marker) -> Optional[str]:
+    """A stand-in object written whole or not at all (the datasets too: repro/standin_data.py): `writer`
+    fills a staging folder, which gets the marker (with `marker`'s fields) and is renamed into place.
+    Returns the writer's reason when it skipped the object."""
+    staging = folder.parent / f".{folder.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    skipped = writer(staging)
+    if skipped:
+        shutil.rmtree(staging, ignore_errors=True)
+        return skipped
+    (staging / MARKER).write_text(json.dumps({"version": STANDIN_VERSION, **marker}) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return None
+
+
+def complete(folder: Path) -> bool:
+    marker = folder / MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("version") == STANDIN_VERSION

@@ -132,9 +132,11 @@ def test_training_kinds_are_compared_by_name_only_in_their_registry():
     from training.kinds import KINDS
 
     names = "|".join(KINDS)
-    comparison = re.compile(rf"kind\w*\s*(==|!=|\bin\b|\bnot in\b)\s*[\(\[]?\s*[\"']({names})[\"']"
+    # `kind`, `options.kind`, `spec["kind"]` or `spec.get("kind")`, then the comparison
+    comparison = re.compile(rf"kind\w*(?:[\"']\]|[\"']\))?\s*(==|!=|\bin\b|\bnot in\b)\s*[\(\[]?\s*[\"']({names})[\"']"
                             rf"|[\"']({names})[\"']\s*(==|!=)\s*\w*kind")
     assert comparison.search('if options.kind == "lora":') and comparison.search('kind in ("cpt", "kd")')
+    assert comparison.search('if spec.get("kind") != "lora":') and comparison.search('spec["kind"] == "kd"')
     offenders = [f"{path.relative_to(REPO)}:{number}" for name, path in kit_modules().items()
                  if not name.startswith("training.kinds")
                  for number, line in enumerate(path.read_text().splitlines(), 1) if comparison.search(line)]

@@ -15,6 +15,7 @@ from repro.cli import main
 from repro.mirror import paper_profiles
 from repro.runner import load_table
 from tests.conftest import REPO
+from training.stage import MAXTEXT_PYTHON_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -35,7 +36,7 @@ def standin(tmp_path_factory):
 @pytest.fixture
 def rehearsal_env(standin, monkeypatch):
     monkeypatch.setenv(hub.MIRROR_ENV, str(standin / "mirror"))
-    monkeypatch.setenv("LPC_MAXTEXT_PYTHON", str(MAXTEXT_PYTHON))
+    monkeypatch.setenv(MAXTEXT_PYTHON_ENV, str(MAXTEXT_PYTHON))
     return standin / "results"
 
 
@@ -47,8 +48,7 @@ def test_a_paper_profile_rehearses_with_every_cell_rehearsed(rehearsal_env, stan
     assert main(["repro", method, "--profile", profile, "--rehearse", "--results-dir", str(results)]) == 0
     recipe = load_recipe(method, profile, rehearsal=True)
     comparison = diff.diff_profile(method, load_table(recipe), results)
-    statuses = [item.status for item in [*comparison.cells, *comparison.claims, *comparison.series,
-                                         *comparison.figure_claims]]
+    statuses = comparison.statuses
     # PENDING: a claim on another method's row, checked by the last test; NOREF: a paper series no row maps to.
     assert statuses and set(statuses) <= {diff.REHEARSED, "PENDING", "NOREF"}
     assert all(cell.status == diff.REHEARSED for cell in comparison.cells)

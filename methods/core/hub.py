@@ -195,9 +195,13 @@ def routed_datasets() -> Iterator[None]:
         _ORIGINAL.pop("load_dataset", None)
 
 
+def is_local_path(spec: str) -> bool:
+    """A path on this machine (existing, or written as one), never a hub id."""
+    return spec.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(spec))
+
+
 def is_hub_dataset(path: str) -> bool:
     """A hub id, not a packaged builder (json, parquet, ...), a local path or a URL."""
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-    return not (path in _PACKAGED_DATASETS_MODULES or os.path.exists(os.path.expanduser(path))
-                or path.startswith((".", "/", "~")) or "://" in path)
+    return not (path in _PACKAGED_DATASETS_MODULES or is_local_path(path) or "://" in path)

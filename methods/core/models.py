@@ -8,7 +8,6 @@ per-layer-width format (`lpc_llama`), and refuses what is not a decoder-only cau
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,8 +62,9 @@ def resolve(spec: str) -> str:
 
 def is_hub_id(spec: str) -> bool:
     """`owner/name` (or a bare name) that is no local path: what the hub is asked for."""
-    return not (Path(os.path.expanduser(spec)).exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
-                or spec == "smoke" or not spec)
+    from methods.core.hub import is_local_path
+
+    return not (not spec or spec == "smoke" or spec.count("/") > 1 or is_local_path(spec))
 
 
 def checked_path(spec: str, flag: str = "--model") -> str:
